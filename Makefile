@@ -1,0 +1,45 @@
+# Two commands on a fresh machine:
+#   make demo   - set up .venv and train a Para-Former on digits on the embedded default (local Ray)
+#   make test   - set up .venv and run the whole test suite
+# A GPU user installs the CUDA build first:  make setup TORCH_SPEC="torch==2.13.0 --index-url <CUDA wheel index>"
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch (a CUDA build is several GB); see README "GPU".
+TORCH_SPEC ?= torch==2.13.0
+# Ray binds to loopback only, in every process; CLI clients send the auth token.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_AUTH_MODE := token
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup demo test lint bench clean datasets
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed datasets
+
+# Fashion-MNIST ships as a Debian package; install it where apt is available (best effort, root only).
+datasets:
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) || \
+		echo "note: could not install dataset-fashion-mnist; Fashion-MNIST tests will be skipped"; \
+	fi
+
+demo: setup
+	$(PY) launch/train.py --config digits
+
+test: setup
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(PY) -m ruff check layerpar launch tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,391 @@
+"""One frozen config tree (model, data, train, parallel, serve) loaded from YAML.
+
+    cfg = load_config("digits", overrides=["train.epochs=5", "parallel.workers=2"])
+
+Unknown keys, wrong types and impossible values raise one ``ConfigError`` naming the field, the value
+and what is allowed. ``--config`` accepts a path or the name of a YAML shipped in ``layerpar/configs``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, mistyped or impossible; the message names the field."""
+
+
+# Allowed values of the enumerated fields, checked in validate().
+MODEL_KINDS = ("paraformer", "vit")
+BLOCK_STYLES = ("prenorm", "reference")
+POOLS = ("cls", "mean")
+DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "synthetic")
+TRAIN_MODES = ("joint", "progressive")
+TRANSPORTS = ("collective", "object_store")
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+DEGRADED = ("wait", "allow")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    kind: str = "paraformer"
+    """`paraformer` (sum of parallel branches) or `vit` (the same blocks stacked serially)."""
+    image_size: int = 8
+    """Side of the square input image in pixels."""
+    in_channels: int = 1
+    """Channels of the input image."""
+    patch_size: int = 2
+    """Side of a square patch; must divide image_size."""
+    num_classes: int = 10
+    """Number of output classes."""
+    dim: int = 64
+    """Token width D."""
+    heads: int = 4
+    """Attention heads; must divide dim."""
+    mlp_dim: int = 128
+    """Hidden width of each block's MLP."""
+    num_branches: int = 8
+    """Para-Former branches N. A ViT stacks num_branches * branch_depth blocks serially."""
+    branch_depth: int = 1
+    """Transformer blocks in each branch."""
+    style: str = "prenorm"
+    """`prenorm`: h + F(LN(h)); `reference`: LN(h) + F(LN(h)) as in the authors' code."""
+    pool: str = "cls"
+    """Head input: the CLS row (`cls`) or the token mean (`mean`)."""
+    qkv_bias: bool = True
+    """Bias on the fused q/k/v projection (the authors' code has none)."""
+    dropout: float = 0.0
+    """Dropout inside blocks; 0 keeps distributed runs bit-comparable with single-process ones."""
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @property
+    def num_blocks(self) -> int:
+        return self.num_branches * self.branch_depth
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "digits"
+    """digits (ships with scikit-learn), fashion_mnist, cifar10, cifar100 (local files), synthetic."""
+    root: str | None = None
+    """Directory with the dataset files; None means the dataset's default location."""
+    seed: int = 0
+    """Seed of the fixed train/val/test split (digits, synthetic) and of the train shuffle."""
+    val_fraction: float = 0.1
+    """Share of the training split held out for validation."""
+    synthetic_size: int = 512
+    """Samples in the synthetic dataset."""
+    limit_train: int = 0
+    """Use only the first n training samples (0 = all); for quick runs."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    mode: str = "joint"
+    """`joint` (one loss on all branches) or `progressive` (a step per prefix, then a joint step)."""
+    epochs: int = 40
+    """Passes over the training split."""
+    batch_size: int = 64
+    """Samples per step."""
+    lr: float = 2e-3
+    """Peak learning rate of AdamW."""
+    min_lr: float = 1e-5
+    """Learning rate at the end of the cosine decay."""
+    warmup_fraction: float = 0.1
+    """Share of all optimizer steps spent in linear warm-up."""
+    weight_decay: float = 0.05
+    """AdamW weight decay on matrices (not on biases, norms, embeddings)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy loss."""
+    seed: int = 0
+    """Seed of the weight initialisation."""
+    threads: int = 0
+    """torch threads in a single-process run (0 = torch's default)."""
+    out_dir: str = "runs"
+    """Directory under which each run's directory is created."""
+    checkpoint_every: int = 1
+    """Write a checkpoint every n epochs (and always at the end)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+    max_failures: int = 0
+    """Worker failures a distributed run survives by restarting from its last checkpoint."""
+    max_minutes: float = 0.0
+    """Stop training after this many minutes (0 = no limit); the run still evaluates and saves."""
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    workers: int = 0
+    """Branch workers W (Ray actors); 0 trains and infers in this process."""
+    transport: str = "collective"
+    """`collective` (torch.distributed inside the worker group) or `object_store` (Ray reduces)."""
+    placement: str = "PACK"
+    """Ray placement strategy of the workers' bundles: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved for each worker."""
+    gpus_per_worker: float = 0.0
+    """GPUs reserved for each worker; > 0 uses CUDA and NCCL."""
+    threads_per_worker: int = 1
+    """torch threads inside each worker."""
+    timeout_s: float = 120.0
+    """Longest wait for a collective or a worker call before the engine treats a worker as lost."""
+    placement_timeout_s: float = 30.0
+    """Longest wait for the cluster to place every worker."""
+    address: str | None = None
+    """Ray cluster address (`auto`, `ray://host:10001`); None starts a local Ray instance."""
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    """Address the gRPC server binds; loopback unless told otherwise."""
+    port: int = 50051
+    """gRPC port (0 picks a free one)."""
+    metrics_port: int = 0
+    """Prometheus metrics HTTP port (0 picks a free one, -1 disables)."""
+    max_batch: int = 64
+    """Largest merged batch one engine call runs."""
+    max_wait_ms: float = 5.0
+    """How long the batcher waits for more requests before running a batch."""
+    max_queue: int = 256
+    """Requests waiting beyond this are refused with RESOURCE_EXHAUSTED."""
+    max_request_rows: int = 256
+    """Largest batch one request may carry."""
+    max_message_bytes: int = 64 * 1024 * 1024
+    """Largest gRPC message sent or received."""
+    degraded: str = "wait"
+    """On a lost worker: `wait` for recovery, or `allow` answers from the surviving branches."""
+    token: str | None = None
+    """Bearer token required on every call (None: no token)."""
+    tls_cert: str | None = None
+    """PEM certificate for TLS (with tls_key)."""
+    tls_key: str | None = None
+    """PEM private key for TLS (with tls_cert)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **sections: dict[str, Any]) -> Config:
+        """A copy with some fields changed: ``cfg.replace(train={"epochs": 1})``; validated."""
+        raw = self.to_dict()
+        for section, values in sections.items():
+            raw.setdefault(section, {}).update(values)
+        return from_dict(raw)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> Any:
+    """Return value converted to the annotated type, or raise ConfigError naming the field."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (annotation,) = [a for a in args if a is not type(None)]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{name} must be {annotation.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping of keys to values, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown key {where}{unknown[0]}; allowed keys: {', '.join(fields)}"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        full = f"{prefix}.{name}" if prefix else name
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], value, full)
+        else:
+            kwargs[name] = _check_type(full, value, hints[name])
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def _one_of(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} ({value!r}) must be one of {', '.join(map(str, allowed))}")
+
+
+def _at_least(name: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{name} ({value!r}) must be >= {low}")
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError for impossible combinations; the message names the field and the fix."""
+    m, d, t, p, s = cfg.model, cfg.data, cfg.train, cfg.parallel, cfg.serve
+    _one_of("model.kind", m.kind, MODEL_KINDS)
+    _one_of("model.style", m.style, BLOCK_STYLES)
+    _one_of("model.pool", m.pool, POOLS)
+    for name in ("image_size", "in_channels", "patch_size", "dim", "heads", "mlp_dim",
+                 "num_branches", "branch_depth"):
+        _at_least(f"model.{name}", getattr(m, name), 1)
+    _at_least("model.num_classes", m.num_classes, 2)
+    if m.dim % m.heads:
+        raise ConfigError(f"model.dim ({m.dim}) must be divisible by model.heads ({m.heads})")
+    if m.image_size % m.patch_size:
+        raise ConfigError(
+            f"model.patch_size ({m.patch_size}) must divide model.image_size ({m.image_size})"
+        )
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout ({m.dropout}) must be in [0, 1)")
+    _one_of("data.name", d.name, DATASETS)
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction ({d.val_fraction}) must be in [0, 1)")
+    _at_least("data.synthetic_size", d.synthetic_size, 10)
+    _at_least("data.limit_train", d.limit_train, 0)
+    _one_of("train.mode", t.mode, TRAIN_MODES)
+    _at_least("train.epochs", t.epochs, 1)
+    _at_least("train.batch_size", t.batch_size, 1)
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr ({t.lr}) must be > 0")
+    _at_least("train.min_lr", t.min_lr, 0.0)
+    if not 0.0 <= t.warmup_fraction < 1.0:
+        raise ConfigError(f"train.warmup_fraction ({t.warmup_fraction}) must be in [0, 1)")
+    for name in ("weight_decay", "grad_clip", "label_smoothing", "threads", "max_failures",
+                 "max_minutes"):
+        _at_least(f"train.{name}", getattr(t, name), 0)
+    _at_least("train.checkpoint_every", t.checkpoint_every, 1)
+    _at_least("train.keep_checkpoints", t.keep_checkpoints, 1)
+    _at_least("parallel.workers", p.workers, 0)
+    if p.workers > m.num_branches:
+        raise ConfigError(
+            f"parallel.workers ({p.workers}) must be <= model.num_branches ({m.num_branches}): "
+            "every worker owns at least one branch"
+        )
+    if p.workers and m.kind != "paraformer":
+        raise ConfigError(f"parallel.workers ({p.workers}) needs model.kind 'paraformer', got {m.kind!r}")
+    _one_of("parallel.transport", p.transport, TRANSPORTS)
+    _one_of("parallel.placement", p.placement, PLACEMENTS)
+    _at_least("parallel.cpus_per_worker", p.cpus_per_worker, 0)
+    _at_least("parallel.gpus_per_worker", p.gpus_per_worker, 0)
+    _at_least("parallel.threads_per_worker", p.threads_per_worker, 1)
+    if p.timeout_s <= 0 or p.placement_timeout_s <= 0:
+        raise ConfigError("parallel.timeout_s and parallel.placement_timeout_s must be > 0")
+    if not 0 <= s.port <= 65535:
+        raise ConfigError(f"serve.port ({s.port}) must be in 0..65535")
+    if not -1 <= s.metrics_port <= 65535:
+        raise ConfigError(f"serve.metrics_port ({s.metrics_port}) must be in -1..65535")
+    for name in ("max_batch", "max_queue", "max_request_rows", "max_message_bytes"):
+        _at_least(f"serve.{name}", getattr(s, name), 1)
+    _at_least("serve.max_wait_ms", s.max_wait_ms, 0)
+    _one_of("serve.degraded", s.degraded, DEGRADED)
+    if (s.tls_cert is None) != (s.tls_key is None):
+        raise ConfigError("serve.tls_cert and serve.tls_key must be given together")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def config_names() -> list[str]:
+    """Names of the YAML configs shipped inside the package (usable as ``--config NAME``)."""
+    folder = resources.files("layerpar") / "configs"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_source(source: str | Path) -> tuple[str, str]:
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        return path.read_text(), str(path)
+    packaged = resources.files("layerpar") / "configs" / f"{source}.yaml"
+    if packaged.is_file():
+        return packaged.read_text(), f"layerpar/configs/{source}.yaml"
+    raise ConfigError(
+        f"config {str(source)!r} is neither a YAML file nor a packaged config; "
+        f"packaged configs: {', '.join(config_names())}"
+    )
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.lr=3e-4` -> (["train", "lr"], 0.0003); values are parsed as YAML scalars."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+    return key.strip().split("."), parsed
+
+
+def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML (path or packaged name; None = all defaults), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if source is not None:
+        text, where = _read_source(source)
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{where} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where} must hold a mapping of sections, got {type(raw).__name__}")
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {k} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return from_dict(raw)
+
+
+def save_config(cfg: Config, run_dir: str | Path) -> Path:
+    """Write the resolved config as ``config.yaml`` into the run directory."""
+    path = Path(run_dir) / "config.yaml"
+    path.write_text(cfg.to_yaml())
+    return path

@@ -1,0 +1,106 @@
+"""Transformer blocks: one math path for a single block and for K branches stacked on a leading axis.
+
+`block_forward(p, h, ...)` takes the block's weights as a dict of tensors. With plain weights
+(`qkv_w` of shape (3D, D)) it runs one block on `h` (B, T, D); with weights stacked over K branches
+(`qkv_w` of shape (K, 3D, D)) it runs K independent blocks on `h` (K, B, T, D) as batched matmuls.
+`Block` (the module every model is made of) and the fused branch stack both call it, so the serial
+ViT, a single branch and a fused group of branches share the same arithmetic.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Weight names of one block, in a fixed order (used to stack branches and to name checkpoint keys).
+PARAM_NAMES = (
+    "ln1_w", "ln1_b", "qkv_w", "qkv_b", "proj_w", "proj_b",
+    "ln2_w", "ln2_b", "fc1_w", "fc1_b", "fc2_w", "fc2_b",
+)
+
+
+def linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """h (..., Din) @ w.T + b; w (Dout, Din), or (K, Dout, Din) with h (K, ..., Din)."""
+    if w.dim() == 2:
+        return F.linear(h, w, b)
+    k = w.shape[0]
+    flat = h.reshape(k, -1, h.shape[-1])  # (K, B*T, Din)
+    if b is None:
+        out = torch.bmm(flat, w.transpose(1, 2))
+    else:
+        out = torch.baddbmm(b.unsqueeze(1), flat, w.transpose(1, 2))  # (K, B*T, Dout)
+    return out.reshape(*h.shape[:-1], w.shape[1])
+
+
+def layer_norm(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the last axis; w, b (D,) or stacked (K, D) with h (K, ..., D)."""
+    if w.dim() == 1:
+        return F.layer_norm(h, (h.shape[-1],), w, b, eps=1e-5)
+    shape = (w.shape[0],) + (1,) * (h.dim() - 2) + (w.shape[1],)
+    return F.layer_norm(h, (h.shape[-1],), eps=1e-5) * w.view(shape) + b.view(shape)
+
+
+def attention(p: dict[str, torch.Tensor], h: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head self-attention; h (..., B, T, D) -> (..., B, T, D)."""
+    *lead, t, d = h.shape
+    qkv = linear(h, p["qkv_w"], p.get("qkv_b"))  # (..., B, T, 3D)
+    qkv = qkv.reshape(-1, t, 3, heads, d // heads).permute(2, 0, 3, 1, 4)  # (3, *B, H, T, dh)
+    out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (*B, H, T, dh)
+    out = out.transpose(1, 2).reshape(*lead, t, d)  # (..., B, T, D)
+    return linear(out, p["proj_w"], p["proj_b"])
+
+
+def mlp(p: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+    return linear(F.gelu(linear(h, p["fc1_w"], p["fc1_b"])), p["fc2_w"], p["fc2_b"])
+
+
+def block_forward(
+    p: dict[str, torch.Tensor], h: torch.Tensor, *, heads: int, style: str, dropout: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """One transformer block (or K stacked ones). `prenorm`: h + F(LN(h));
+    `reference` (the authors' code): LN(h) + F(LN(h))."""
+    n = layer_norm(h, p["ln1_w"], p["ln1_b"])
+    a = F.dropout(attention(p, n, heads), dropout, training)
+    h = (n if style == "reference" else h) + a
+    n = layer_norm(h, p["ln2_w"], p["ln2_b"])
+    m = F.dropout(mlp(p, n), dropout, training)
+    return (n if style == "reference" else h) + m
+
+
+class Block(nn.Module):
+    """One transformer block: attention + MLP, each behind a LayerNorm, with a residual."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int, *, style: str = "prenorm",
+                 qkv_bias: bool = True, dropout: float = 0.0,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.heads, self.style, self.dropout = heads, style, dropout
+        self.ln1_w = nn.Parameter(torch.ones(dim))
+        self.ln1_b = nn.Parameter(torch.zeros(dim))
+        self.qkv_w = nn.Parameter(torch.empty(3 * dim, dim))
+        self.qkv_b = nn.Parameter(torch.zeros(3 * dim)) if qkv_bias else None
+        self.proj_w = nn.Parameter(torch.empty(dim, dim))
+        self.proj_b = nn.Parameter(torch.zeros(dim))
+        self.ln2_w = nn.Parameter(torch.ones(dim))
+        self.ln2_b = nn.Parameter(torch.zeros(dim))
+        self.fc1_w = nn.Parameter(torch.empty(mlp_dim, dim))
+        self.fc1_b = nn.Parameter(torch.zeros(mlp_dim))
+        self.fc2_w = nn.Parameter(torch.empty(dim, mlp_dim))
+        self.fc2_b = nn.Parameter(torch.zeros(dim))
+        for w in (self.qkv_w, self.proj_w, self.fc1_w, self.fc2_w):
+            nn.init.trunc_normal_(w, std=0.02, generator=generator)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in PARAM_NAMES if getattr(self, name) is not None}
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
+        return block_forward(self.weights(), h, heads=self.heads, style=self.style,
+                             dropout=self.dropout, training=self.training)
+
+
+def make_block(cfg, generator: torch.Generator | None = None) -> Block:
+    """A block shaped by a ModelConfig."""
+    return Block(cfg.dim, cfg.heads, cfg.mlp_dim, style=cfg.style, qkv_bias=cfg.qkv_bias,
+                 dropout=cfg.dropout, generator=generator)

@@ -1,0 +1,113 @@
+"""Para-Former: a sum of parallel branches that all read the same embedded input.
+
+    x0     = embed(x)                              # (B, T, D)
+    y      = sum_b pool(branch_b(x0))              # (B, D): pooled per branch, summed in branch order
+    logits = head(y)                               # (B, classes)
+
+A model may own only some of its branches (`branch_ids`): that is how a worker holds its share, with
+the same parameter names as the whole model. Every piece is initialised from its own seeded generator,
+so branch b has the same weights wherever it is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from layerpar.model.blocks import make_block
+from layerpar.model.fused import Branch, FusedBranchStack
+from layerpar.model.layers import Head, PatchEmbed, pool, seeded
+
+EMBED_TAG, HEAD_TAG, BRANCH_TAG = 1, 2, 3
+
+
+def make_embed(cfg, seed: int) -> PatchEmbed:
+    return PatchEmbed(image_size=cfg.image_size, patch_size=cfg.patch_size,
+                      in_channels=cfg.in_channels, dim=cfg.dim, generator=seeded(seed, EMBED_TAG))
+
+
+def make_head(cfg, seed: int) -> Head:
+    return Head(cfg.dim, cfg.num_classes, generator=seeded(seed, HEAD_TAG))
+
+
+def make_branch(cfg, seed: int, branch_id: int) -> Branch:
+    g = seeded(seed, BRANCH_TAG, branch_id)
+    return Branch([make_block(cfg, g) for _ in range(cfg.branch_depth)])
+
+
+class ParaFormer(nn.Module):
+    def __init__(self, cfg, *, seed: int = 0, branch_ids: Iterable[int] | None = None):
+        super().__init__()
+        self.cfg = cfg
+        ids = range(cfg.num_branches) if branch_ids is None else sorted(branch_ids)
+        if any(not 0 <= b < cfg.num_branches for b in ids):
+            raise ValueError(f"branch ids {list(ids)} out of range 0..{cfg.num_branches - 1}")
+        self.embed = make_embed(cfg, seed)
+        self.branches = nn.ModuleDict({str(b): make_branch(cfg, seed, b) for b in ids})
+        self.head = make_head(cfg, seed)
+        self._stacks: dict[tuple[int, ...], FusedBranchStack] = {}
+
+    @property
+    def branch_ids(self) -> list[int]:
+        """The branches this model owns, in order."""
+        return [int(b) for b in self.branches]
+
+    def branch(self, branch_id: int) -> Branch:
+        return self.branches[str(branch_id)]
+
+    def add_branch(self, branch_id: int, branch: Branch) -> None:
+        """Own one more branch (expansion); ids stay sorted."""
+        items = dict(self.branches.items())
+        items[str(branch_id)] = branch
+        self.branches = nn.ModuleDict({k: items[k] for k in sorted(items, key=int)})
+        self._stacks.clear()
+
+    def branch_outputs(self, x0: torch.Tensor, branch_ids: Sequence[int], *,
+                       fused: bool = True) -> torch.Tensor:
+        """Pooled output of each listed branch: x0 (B, T, D) -> (K, B, D)."""
+        if fused:
+            key = tuple(branch_ids)
+            stack = self._stacks.get(key)
+            if stack is None:
+                stack = self._stacks[key] = FusedBranchStack([self.branch(b) for b in key])
+            return pool(stack(x0), self.cfg.pool)  # (K, B, D)
+        return torch.stack([pool(self.branch(b)(x0), self.cfg.pool) for b in branch_ids])
+
+    def branch_sum(self, x0: torch.Tensor, branch_ids: Sequence[int] | None = None, *,
+                   fused: bool = True) -> torch.Tensor:
+        """Sum of the pooled outputs of the listed branches (default: all owned), in branch order:
+        (B, T, D) -> (B, D). An empty list gives zeros that still depend on x0 (for autograd)."""
+        ids = self.branch_ids if branch_ids is None else list(branch_ids)
+        if not ids:
+            return pool(x0, self.cfg.pool) * 0.0
+        out = self.branch_outputs(x0, ids, fused=fused)  # (K, B, D)
+        total = out[0]
+        for k in range(1, out.shape[0]):  # fixed branch order: sums are reproducible
+            total = total + out[k]
+        return total
+
+    def prefix_ids(self, num_branches: int | None) -> list[int]:
+        """Owned branch ids below num_branches (all owned when None)."""
+        k = self.cfg.num_branches if num_branches is None else num_branches
+        if not 1 <= k <= self.cfg.num_branches:
+            raise ValueError(f"num_branches ({k}) must be in 1..{self.cfg.num_branches}")
+        return [b for b in self.branch_ids if b < k]
+
+    def forward(self, x: torch.Tensor, num_branches: int | None = None, *,
+                fused: bool = True) -> torch.Tensor:
+        """(B, C, H, W) -> logits (B, classes), using the prefix model of the first k branches."""
+        x0 = self.embed(x)
+        return self.head(self.branch_sum(x0, self.prefix_ids(num_branches), fused=fused))
+
+    # ------------------------------------------------------------------ state by piece
+
+    def piece_state(self, piece: str) -> dict[str, torch.Tensor]:
+        """Weights of one piece: "embed", "head" or "branch.<id>"; keys as in state_dict()."""
+        prefix = "branches." + piece.split(".", 1)[1] + "." if piece.startswith("branch.") \
+            else piece + "."
+        return {k: v for k, v in self.state_dict().items() if k.startswith(prefix)}
+
+    def pieces(self) -> list[str]:
+        return ["embed", "head"] + [f"branch.{b}" for b in self.branch_ids]
