@@ -1,0 +1,68 @@
+"""One training step, written once against the comm verbs: the same code trains the whole model in
+one process (LocalComm) and a worker's share of it inside a process group (GroupComm).
+
+joint:       one step on the loss of the full sum of branches.
+progressive: for k = 1..N a step on the loss of the prefix model (branches 0..k-1), then one joint
+             step. Branches at or beyond k take no part in step k: they get no gradient (None, not
+             zero), so AdamW neither moves nor decays them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layerpar.model import ParaFormer
+from layerpar.train.optim import lr_at, set_lr
+
+
+def _clip(params: list[nn.Parameter], norm: torch.Tensor, max_norm: float) -> None:
+    """Scale gradients as torch.nn.utils.clip_grad_norm_ does, from a norm computed elsewhere."""
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for p in params:
+        p.grad.mul_(coef.to(p.grad.device))
+
+
+def prefix_plan(cfg) -> list[int]:
+    """The prefix size k of each optimizer step taken on one batch."""
+    n = cfg.model.num_branches
+    if cfg.train.mode == "progressive" and cfg.model.kind == "paraformer":
+        return list(range(1, n + 1)) + [n]
+    return [n]
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, comm, x: torch.Tensor,
+               y: torch.Tensor, *, cfg, step: int, total_steps: int) -> dict:
+    """Run every optimizer step of one batch; `step` counts optimizer steps taken before it."""
+    tcfg = cfg.train
+    losses, lr, norm = [], 0.0, torch.zeros(())
+    for k in prefix_plan(cfg):
+        lr = lr_at(step, total_steps, tcfg)
+        set_lr(opt, lr)
+        opt.zero_grad(set_to_none=True)
+        if isinstance(model, ParaFormer):
+            x0 = model.embed(x)  # (B, T, D), replicated on every worker
+            partial = model.branch_sum(x0, model.prefix_ids(k))  # (B, D), this worker's branches
+            logits = model.head(comm.reduce_branch_sums(partial))
+            replicated = list(model.embed.parameters()) + list(model.head.parameters())
+        else:
+            logits = model(x)
+            replicated = list(model.parameters())
+        loss = F.cross_entropy(logits, y, label_smoothing=tcfg.label_smoothing)
+        loss.backward()
+        if isinstance(model, ParaFormer):
+            comm.sum_replicated_grads(model.embed.parameters())  # head grads already agree
+        ids = set(map(id, replicated))
+        owned = [p for p in model.parameters() if p.grad is not None and id(p) not in ids]
+        norm = comm.global_grad_norm([p.grad for p in owned],
+                                     [p.grad for p in replicated if p.grad is not None])
+        if tcfg.grad_clip > 0:
+            _clip(owned + [p for p in replicated if p.grad is not None], norm, tcfg.grad_clip)
+        opt.step()
+        step += 1
+        losses.append(loss.item())
+    out = {"loss": losses[-1], "lr": lr, "grad_norm": float(norm), "step": step}
+    if len(losses) > 1:
+        out["prefix_losses"] = losses[:-1]
+    return out
