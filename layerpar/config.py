@@ -49,7 +49,10 @@ class ModelConfig:
     dim: int = 64
     """Token width D."""
     heads: int = 4
-    """Attention heads; must divide dim."""
+    """Attention heads; must divide dim (unless head_dim is set)."""
+    head_dim: int = 0
+    """Width of one attention head; 0 means dim / heads. The authors' code keeps 64 whatever dim is,
+    so an imported model may attend in heads * head_dim != dim."""
     mlp_dim: int = 128
     """Hidden width of each block's MLP."""
     num_branches: int = 8
@@ -60,14 +63,21 @@ class ModelConfig:
     """`prenorm`: h + F(LN(h)); `reference`: LN(h) + F(LN(h)) as in the authors' code."""
     pool: str = "cls"
     """Head input: the CLS row (`cls`) or the token mean (`mean`)."""
-    qkv_bias: bool = True
-    """Bias on the fused q/k/v projection (the authors' code has none)."""
+    qkv_bias: bool = False
+    """Bias on the fused q/k/v projection. Off by default, as in the authors' code: the key bias has
+    exactly zero gradient (softmax ignores a constant shift), so AdamW turns its rounding noise into
+    full-size steps and runs stop being reproducible across worker layouts."""
     dropout: float = 0.0
     """Dropout inside blocks; 0 keeps distributed runs bit-comparable with single-process ones."""
 
     @property
     def num_tokens(self) -> int:
         return (self.image_size // self.patch_size) ** 2 + 1
+
+    @property
+    def attn_dim(self) -> int:
+        """Width of the attention (q, k, v each): heads * head_dim."""
+        return self.heads * self.head_dim if self.head_dim else self.dim
 
     @property
     def num_blocks(self) -> int:
@@ -124,6 +134,9 @@ class TrainConfig:
     """Worker failures a distributed run survives by restarting from its last checkpoint."""
     max_minutes: float = 0.0
     """Stop training after this many minutes (0 = no limit); the run still evaluates and saves."""
+    frozen_branches: int = 0
+    """Keep branches 0..n-1, the embedding and the head fixed and train only the branches after them
+    (expansion); progressive steps then start at prefix n+1. 0 trains everything."""
 
 
 @dataclass(frozen=True)
@@ -174,6 +187,14 @@ class ServeConfig:
     """PEM certificate for TLS (with tls_key)."""
     tls_key: str | None = None
     """PEM private key for TLS (with tls_cert)."""
+    retries: int = 1
+    """Retries of a failed engine call before its requests get UNAVAILABLE (inference is idempotent)."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM: longest wait for in-flight requests to finish before the server stops."""
+    health_interval_s: float = 1.0
+    """How often the health service asks the engine whether its workers are up."""
+    min_live_fraction: float = 1.0
+    """Health says SERVING only while at least this share of the workers is alive (1.0: all of them)."""
 
 
 @dataclass(frozen=True)
@@ -272,7 +293,8 @@ def validate(cfg: Config) -> None:
                  "num_branches", "branch_depth"):
         _at_least(f"model.{name}", getattr(m, name), 1)
     _at_least("model.num_classes", m.num_classes, 2)
-    if m.dim % m.heads:
+    _at_least("model.head_dim", m.head_dim, 0)
+    if not m.head_dim and m.dim % m.heads:
         raise ConfigError(f"model.dim ({m.dim}) must be divisible by model.heads ({m.heads})")
     if m.image_size % m.patch_size:
         raise ConfigError(
@@ -296,6 +318,12 @@ def validate(cfg: Config) -> None:
     for name in ("weight_decay", "grad_clip", "label_smoothing", "threads", "max_failures",
                  "max_minutes"):
         _at_least(f"train.{name}", getattr(t, name), 0)
+    _at_least("train.frozen_branches", t.frozen_branches, 0)
+    if t.frozen_branches and (m.kind != "paraformer" or t.frozen_branches >= m.num_branches):
+        raise ConfigError(
+            f"train.frozen_branches ({t.frozen_branches}) must be < model.num_branches "
+            f"({m.num_branches}) of a paraformer: at least one branch has to train"
+        )
     _at_least("train.checkpoint_every", t.checkpoint_every, 1)
     _at_least("train.keep_checkpoints", t.keep_checkpoints, 1)
     _at_least("parallel.workers", p.workers, 0)
@@ -321,6 +349,11 @@ def validate(cfg: Config) -> None:
         _at_least(f"serve.{name}", getattr(s, name), 1)
     _at_least("serve.max_wait_ms", s.max_wait_ms, 0)
     _one_of("serve.degraded", s.degraded, DEGRADED)
+    _at_least("serve.retries", s.retries, 0)
+    if s.drain_timeout_s < 0 or s.health_interval_s <= 0:
+        raise ConfigError("serve.drain_timeout_s must be >= 0 and serve.health_interval_s must be > 0")
+    if not 0.0 <= s.min_live_fraction <= 1.0:
+        raise ConfigError(f"serve.min_live_fraction ({s.min_live_fraction}) must be in [0, 1]")
     if (s.tls_cert is None) != (s.tls_key is None):
         raise ConfigError("serve.tls_cert and serve.tls_key must be given together")
 

@@ -23,6 +23,24 @@ from layerpar.model.layers import Head, PatchEmbed, pool, seeded
 EMBED_TAG, HEAD_TAG, BRANCH_TAG = 1, 2, 3
 
 
+def ordered_sum(outputs: torch.Tensor) -> torch.Tensor:
+    """(K, B, D) -> (B, D), added one branch at a time in branch order. Every place that sums branch
+    outputs (one process, a worker group, the driver) uses this, so they agree bit for bit."""
+    total = outputs[0]
+    for k in range(1, outputs.shape[0]):
+        total = total + outputs[k]
+    return total
+
+
+def prefix_sums(outputs: torch.Tensor) -> torch.Tensor:
+    """(N, B, D) -> (N, B, D): row k is the sum of branches 0..k, added in branch order (row N-1 has
+    the same bits as ordered_sum)."""
+    sums = [outputs[0]]
+    for k in range(1, outputs.shape[0]):
+        sums.append(sums[-1] + outputs[k])
+    return torch.stack(sums)
+
+
 def make_embed(cfg, seed: int) -> PatchEmbed:
     return PatchEmbed(image_size=cfg.image_size, patch_size=cfg.patch_size,
                       in_channels=cfg.in_channels, dim=cfg.dim, generator=seeded(seed, EMBED_TAG))
@@ -66,27 +84,26 @@ class ParaFormer(nn.Module):
 
     def branch_outputs(self, x0: torch.Tensor, branch_ids: Sequence[int], *,
                        fused: bool = True) -> torch.Tensor:
-        """Pooled output of each listed branch: x0 (B, T, D) -> (K, B, D)."""
+        """Pooled output of each listed branch: x0 (B, T, D) -> (K, B, D); K may be 0."""
+        if not branch_ids:
+            return x0.new_zeros((0, x0.shape[0], x0.shape[-1]))
+        # CLS pooling reads one row: the last block of each branch computes only that row.
+        cls_only = self.cfg.pool == "cls"
         if fused:
             key = tuple(branch_ids)
             stack = self._stacks.get(key)
             if stack is None:
                 stack = self._stacks[key] = FusedBranchStack([self.branch(b) for b in key])
-            return pool(stack(x0), self.cfg.pool)  # (K, B, D)
-        return torch.stack([pool(self.branch(b)(x0), self.cfg.pool) for b in branch_ids])
+            return pool(stack(x0, cls_only=cls_only), self.cfg.pool)  # (K, B, D)
+        return torch.stack([pool(self.branch(b)(x0, cls_only=cls_only), self.cfg.pool)
+                            for b in branch_ids])
 
     def branch_sum(self, x0: torch.Tensor, branch_ids: Sequence[int] | None = None, *,
                    fused: bool = True) -> torch.Tensor:
         """Sum of the pooled outputs of the listed branches (default: all owned), in branch order:
-        (B, T, D) -> (B, D). An empty list gives zeros that still depend on x0 (for autograd)."""
+        (B, T, D) -> (B, D)."""
         ids = self.branch_ids if branch_ids is None else list(branch_ids)
-        if not ids:
-            return pool(x0, self.cfg.pool) * 0.0
-        out = self.branch_outputs(x0, ids, fused=fused)  # (K, B, D)
-        total = out[0]
-        for k in range(1, out.shape[0]):  # fixed branch order: sums are reproducible
-            total = total + out[k]
-        return total
+        return ordered_sum(self.branch_outputs(x0, ids, fused=fused))
 
     def prefix_ids(self, num_branches: int | None) -> list[int]:
         """Owned branch ids below num_branches (all owned when None)."""

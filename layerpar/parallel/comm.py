@@ -16,10 +16,10 @@ Making it an all-reduce as well -- the classic trap -- would multiply every bran
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import timedelta
-
 import torch
 import torch.distributed as dist
+
+from layerpar.model.paraformer import ordered_sum
 
 
 class LocalComm:
@@ -27,8 +27,8 @@ class LocalComm:
 
     world_size, rank = 1, 0
 
-    def reduce_branch_sums(self, partial: torch.Tensor) -> torch.Tensor:
-        return partial
+    def reduce_branch_sums(self, outputs: torch.Tensor, num_branches: int | None = None) -> torch.Tensor:
+        return ordered_sum(outputs)
 
     def sum_replicated_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
         return None
@@ -48,39 +48,48 @@ def _sq_norm(grads: list[torch.Tensor]) -> torch.Tensor:
 
 
 class _ReduceBranchSums(torch.autograd.Function):
-    """Forward: gather every worker's partial sum and add them in rank (= branch) order.
+    """Forward: gather every worker's pooled branch rows (K_w, B, D) and add all N of them in branch
+    order, exactly as one process would: every rank gets the same bits as the single-process model.
     Backward: broadcast_output_grad -- each worker already holds the full dL/dy."""
 
     @staticmethod
-    def forward(ctx, partial: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(partial) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, partial.contiguous())  # blocks until every rank contributes
-        total = parts[0]
-        for p in parts[1:]:  # fixed branch order: every rank gets bit-identical sums
-            total = total + p
-        return total
+    def forward(ctx, outputs: torch.Tensor, group, counts: list[int]) -> torch.Tensor:
+        k_max, (_, b, d) = max(counts), outputs.shape
+        padded = outputs.new_zeros((k_max, b, d))  # all_gather needs one shape on every rank
+        padded[: outputs.shape[0]] = outputs
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded, group=group)  # blocks until every rank joins
+        ctx.num_own = outputs.shape[0]
+        rows = torch.cat([p[:c] for p, c in zip(parts, counts)])  # (N, B, D) in branch order
+        return ordered_sum(rows)
 
     @staticmethod
-    def backward(ctx, grad_y: torch.Tensor) -> torch.Tensor:
-        return broadcast_output_grad(grad_y)
+    def backward(ctx, grad_y: torch.Tensor):
+        return broadcast_output_grad(grad_y, ctx.num_own), None, None
 
 
-def broadcast_output_grad(grad_y: torch.Tensor) -> torch.Tensor:
-    """dL/dy reaches every branch. Every rank computed the same loss from the same y, so each
-    already holds it: no communication, and no factor W."""
-    return grad_y
+def broadcast_output_grad(grad_y: torch.Tensor, num_own: int) -> torch.Tensor:
+    """dL/dy reaches every branch (y is a plain sum, so each branch row gets dL/dy). Every rank
+    computed the same loss from the same y, so each already holds it: no communication, and no
+    factor W."""
+    return grad_y.unsqueeze(0).expand(num_own, *grad_y.shape)
 
 
 class GroupComm:
-    """The worker group of a torch.distributed process group (gloo on CPU, NCCL on GPU)."""
+    """The worker group of a torch.distributed process group (gloo on CPU, NCCL on GPU), or the
+    sub-group of ranks 0..r-1 that own the branches of a prefix model."""
 
-    def __init__(self) -> None:
-        self.world_size = dist.get_world_size()
-        self.rank = dist.get_rank()
+    def __init__(self, layout, group=None) -> None:
+        self.layout, self.group = layout, group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
 
-    def reduce_branch_sums(self, partial: torch.Tensor) -> torch.Tensor:
-        """Every worker's (B, D) partial sum -> the (B, D) total on every worker."""
-        return _ReduceBranchSums.apply(partial)
+    def reduce_branch_sums(self, outputs: torch.Tensor, num_branches: int | None = None) -> torch.Tensor:
+        """Every worker's pooled rows of its branches below `num_branches` (K_w, B, D) -> the (B, D)
+        sum over all of them, on every worker of the group."""
+        k = self.layout.num_branches if num_branches is None else num_branches
+        counts = [sum(1 for b in self.layout.owned(r) if b < k) for r in range(self.world_size)]
+        return _ReduceBranchSums.apply(outputs, self.group, counts)
 
     def sum_replicated_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Sum the gradients of replicated parameters (the embedding) so every replica steps alike.
@@ -90,7 +99,7 @@ class GroupComm:
             return
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                           for p in params])
-        dist.all_reduce(flat)  # blocks until every rank contributes
+        dist.all_reduce(flat, group=self.group)  # blocks until every rank contributes
         offset = 0
         for p in params:
             n = p.numel()
@@ -101,21 +110,17 @@ class GroupComm:
                          ) -> torch.Tensor:
         """sqrt(sum over workers of their own branches' squared norms + the replicated ones once)."""
         owned_sq = _sq_norm(list(owned)).to(_device())
-        dist.all_reduce(owned_sq)  # blocks until every rank contributes
+        dist.all_reduce(owned_sq, group=self.group)  # blocks until every rank contributes
         return (owned_sq + _sq_norm(list(replicated)).to(owned_sq.device)).sqrt()
 
     def gather_rows(self, rows: torch.Tensor) -> list[torch.Tensor]:
         """Every worker's tensor of the same shape, in rank order (used for evaluation and checks)."""
         parts = [torch.empty_like(rows) for _ in range(self.world_size)]
-        dist.all_gather(parts, rows.contiguous())
+        dist.all_gather(parts, rows.contiguous(), group=self.group)
         return parts
 
-    def barrier(self, timeout_s: float | None = None) -> None:
-        if timeout_s is None:
-            dist.barrier()
-        else:
-            dist.monitored_barrier(timeout=timedelta(seconds=timeout_s)) if dist.get_backend() == "gloo" \
-                else dist.barrier()
+    def barrier(self) -> None:
+        dist.barrier(group=self.group)
 
 
 def _device() -> torch.device:

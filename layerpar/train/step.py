@@ -28,7 +28,8 @@ def prefix_plan(cfg) -> list[int]:
     """The prefix size k of each optimizer step taken on one batch."""
     n = cfg.model.num_branches
     if cfg.train.mode == "progressive" and cfg.model.kind == "paraformer":
-        return list(range(1, n + 1)) + [n]
+        # prefixes made only of frozen branches have nothing to train
+        return list(range(cfg.train.frozen_branches + 1, n + 1)) + [n]
     return [n]
 
 
@@ -43,14 +44,15 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, comm, x: torch.Tens
         opt.zero_grad(set_to_none=True)
         if isinstance(model, ParaFormer):
             x0 = model.embed(x)  # (B, T, D), replicated on every worker
-            partial = model.branch_sum(x0, model.prefix_ids(k))  # (B, D), this worker's branches
-            logits = model.head(comm.reduce_branch_sums(partial))
+            outputs = model.branch_outputs(x0, model.prefix_ids(k))  # (K_w, B, D), own branches < k
+            logits = model.head(comm.reduce_branch_sums(outputs, num_branches=k))
             replicated = list(model.embed.parameters()) + list(model.head.parameters())
         else:
             logits = model(x)
             replicated = list(model.parameters())
         loss = F.cross_entropy(logits, y, label_smoothing=tcfg.label_smoothing)
-        loss.backward()
+        if loss.requires_grad:  # false on a worker whose branches are all frozen
+            loss.backward()
         if isinstance(model, ParaFormer):
             comm.sum_replicated_grads(model.embed.parameters())  # head grads already agree
         ids = set(map(id, replicated))

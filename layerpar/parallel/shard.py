@@ -1,0 +1,125 @@
+"""A worker's share of a Para-Former: its branches, replicas of the embedding and head, its optimizer
+and its comm. Plain Python: the Ray actor wraps it, and a torchrun process can use it directly.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from layerpar.config import Config
+from layerpar.model import ParaFormer
+from layerpar.parallel import process_group
+from layerpar.parallel.comm import GroupComm, LocalComm
+from layerpar.parallel.layout import BranchLayout
+from layerpar.train.optim import load_optimizer_state, make_optimizer, optimizer_state
+from layerpar.train.step import train_step
+
+
+class BranchShard:
+    def __init__(self, cfg: Config, *, worker_rank: int, total_steps: int = 0):
+        self.cfg = cfg
+        self.layout = BranchLayout(cfg.model.num_branches, max(1, cfg.parallel.workers))
+        self.worker_rank = worker_rank
+        self.device = torch.device("cuda" if cfg.parallel.gpus_per_worker > 0 else "cpu")
+        self.model = ParaFormer(cfg.model, seed=cfg.train.seed,
+                                branch_ids=self.layout.owned(worker_rank)).to(self.device)
+        self.opt = make_optimizer(self.model, cfg.train)
+        self.total_steps, self.step = total_steps, 0
+        self.comms: dict[int, object] = {1: LocalComm()}
+        self.calls = {"infer": 0, "partial": 0, "train_step": 0, "branch_outputs": 0}
+
+    # ------------------------------------------------------------------ group
+
+    def join_group(self) -> None:
+        """Join the process group from the torchrun variables; blocks until every rank joins."""
+        process_group.init_from_env(timeout_s=self.cfg.parallel.timeout_s, device=self.device)
+        for r, group in process_group.new_prefix_groups(self.layout.num_workers).items():
+            self.comms[r] = GroupComm(self.layout, group)
+
+    def leave_group(self) -> None:
+        self.comms = {1: LocalComm()}
+        process_group.destroy()
+
+    # ------------------------------------------------------------------ compute
+
+    def _input(self, x) -> torch.Tensor:
+        return torch.as_tensor(x).to(self.device, non_blocking=True)
+
+    @torch.no_grad()
+    def infer(self, x, num_branches: int, *, reduce: bool) -> tuple[torch.Tensor | None, dict]:
+        """This worker's part of a prefix-model forward. reduce=True: the branch rows are reduced in
+        the group and rank 0 returns the logits (others None); reduce=False: return the rows
+        (K_w, B, D) for the driver to add."""
+        self.calls["infer" if reduce else "partial"] += 1
+        self.model.eval()
+        t0 = time.perf_counter()
+        x0 = self.model.embed(self._input(x))  # (B, T, D)
+        t1 = time.perf_counter()
+        rows = self.model.branch_outputs(x0, self.model.prefix_ids(num_branches))  # (K_w, B, D)
+        t2 = time.perf_counter()
+        timings = {"embed": t1 - t0, "compute": t2 - t1}
+        if not reduce:
+            return rows.cpu(), timings
+        comm = self.comms[self.layout.participants(num_branches)]
+        y = comm.reduce_branch_sums(rows, num_branches)
+        t3 = time.perf_counter()
+        timings["reduce"] = t3 - t2
+        if self.worker_rank != 0:
+            return None, timings
+        logits = self.model.head(y).cpu()
+        timings["head"] = time.perf_counter() - t3
+        return logits, timings
+
+    @torch.no_grad()
+    def branch_outputs(self, x) -> torch.Tensor:
+        """Pooled output of every owned branch (K, B, D), for evaluating all prefix models at once."""
+        self.calls["branch_outputs"] += 1
+        self.model.eval()
+        x0 = self.model.embed(self._input(x))
+        return self.model.branch_outputs(x0, self.model.branch_ids).cpu()
+
+    def train_step(self, x, y) -> dict:
+        self.calls["train_step"] += 1
+        self.model.train()
+        out = train_step(self.model, self.opt, self.comms[self.layout.num_workers],
+                         self._input(x), self._input(y), cfg=self.cfg, step=self.step,
+                         total_steps=self.total_steps)
+        self.step = out["step"]
+        return out
+
+    # ------------------------------------------------------------------ state
+
+    def pieces(self, *, replicated: bool) -> dict[str, dict[str, torch.Tensor]]:
+        """Weights by piece ("branch.<i>", plus "embed" and "head" when `replicated`), on the CPU."""
+        names = [p for p in self.model.pieces() if replicated or p.startswith("branch.")]
+        return {p: {k: v.detach().cpu().clone() for k, v in self.model.piece_state(p).items()}
+                for p in names}
+
+    def optim_pieces(self, *, replicated: bool) -> dict[str, dict[str, torch.Tensor]]:
+        state = optimizer_state(self.model, self.opt)
+        out = {}
+        for piece, weights in self.pieces(replicated=replicated).items():
+            out[piece] = {k: v for k, v in state.items() if k.rsplit(".", 1)[0] in weights}
+        return out
+
+    def load(self, pieces: dict[str, dict[str, torch.Tensor]], optim: dict | None, step: int) -> None:
+        """Load the pieces this worker holds (others are ignored) and the optimizer state."""
+        flat = {k: v for piece in pieces.values() for k, v in piece.items()}
+        own = self.model.state_dict()
+        missing = [k for k in own if k not in flat]
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} tensors this worker needs, e.g. {missing[0]}")
+        self.model.load_state_dict({k: flat[k] for k in own})
+        if optim:
+            load_optimizer_state(self.model, self.opt,
+                                 {k: v for piece in optim.values() for k, v in piece.items()})
+        self.step = step
+
+    def param_counts(self) -> dict[str, int]:
+        branches = sum(p.numel() for b in self.model.branch_ids
+                       for p in self.model.branch(b).parameters())
+        replicated = sum(p.numel() for m in (self.model.embed, self.model.head)
+                         for p in m.parameters())
+        return {"branches": branches, "replicated": replicated, "branch_ids": self.model.branch_ids}

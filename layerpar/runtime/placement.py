@@ -1,0 +1,50 @@
+"""Ray placement: one bundle per worker, strategy from config, and a clear refusal when the cluster
+cannot fit the request."""
+
+from __future__ import annotations
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot place the requested workers."""
+
+
+def worker_bundle(pcfg) -> dict[str, float]:
+    bundle = {"CPU": float(pcfg.cpus_per_worker)}
+    if pcfg.gpus_per_worker > 0:
+        bundle["GPU"] = float(pcfg.gpus_per_worker)
+    return bundle
+
+
+def place_workers(pcfg) -> PlacementGroup:
+    """Reserve one bundle per worker; raise PlacementError within parallel.placement_timeout_s."""
+    bundle = worker_bundle(pcfg)
+    pg = placement_group([dict(bundle) for _ in range(pcfg.workers)], strategy=pcfg.placement)
+    ready, _ = ray.wait([pg.ready()], timeout=pcfg.placement_timeout_s)
+    if not ready:
+        remove_placement_group(pg)
+        have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")}
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        raise PlacementError(
+            f"could not place {pcfg.workers} workers of {bundle} with strategy {pcfg.placement} "
+            f"within {pcfg.placement_timeout_s:g}s; the cluster has {have} on {nodes} node(s). "
+            "Lower parallel.workers / cpus_per_worker / gpus_per_worker, relax parallel.placement, "
+            "or add nodes."
+        )
+    return pg
+
+
+def bundle_strategy(pg: PlacementGroup, index: int) -> PlacementGroupSchedulingStrategy:
+    return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index,
+                                            placement_group_capture_child_tasks=True)
+
+
+def release(pg: PlacementGroup | None) -> None:
+    if pg is not None:
+        try:
+            remove_placement_group(pg)
+        except Exception:  # noqa: BLE001 - the cluster may already be gone at teardown
+            pass

@@ -1,0 +1,77 @@
+"""The branch-worker actor: a thin shell around a BranchShard. Each method is a few lines that
+wire the shard to Ray and return plain tensors, dicts or None."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import ray
+import torch
+
+from layerpar.config import from_dict
+from layerpar.parallel import process_group
+from layerpar.parallel.shard import BranchShard
+
+
+def as_tensor(x) -> torch.Tensor:
+    """Object-store arrays arrive read-only and zero-copy; nothing here writes to them, so they are
+    wrapped without a copy (torch warns about read-only memory; the warning is moot here)."""
+    if isinstance(x, np.ndarray):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(x)
+    return torch.as_tensor(x)
+
+
+class BranchWorker:
+    def __init__(self, cfg_dict: dict, worker_rank: int, total_steps: int):
+        cfg = from_dict(cfg_dict)
+        torch.set_num_threads(cfg.parallel.threads_per_worker)
+        self.shard = BranchShard(cfg, worker_rank=worker_rank, total_steps=total_steps)
+
+    def where(self) -> dict:
+        ctx = ray.get_runtime_context()
+        return {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(),
+                "pid": os.getpid(), "gpu_ids": ray.get_gpu_ids(),
+                "layout": self.shard.layout.describe(self.shard.worker_rank)}
+
+    def offer_rendezvous(self) -> tuple[str, int]:
+        """Rank 0 offers its address and a free port to the group."""
+        ip = ray.util.get_node_ip_address()
+        return ip, process_group.free_port(ip)
+
+    def join_group(self, master_addr: str, master_port: int, world_size: int) -> None:
+        process_group.set_env(master_addr=master_addr, master_port=master_port,
+                              rank=self.shard.worker_rank, world_size=world_size)
+        self.shard.join_group()  # blocks until every rank joins
+
+    def leave_group(self) -> None:
+        self.shard.leave_group()
+
+    def infer(self, x, num_branches: int, reduce: bool):
+        return self.shard.infer(as_tensor(x), num_branches, reduce=reduce)
+
+    def branch_outputs(self, x) -> torch.Tensor:
+        return self.shard.branch_outputs(as_tensor(x))
+
+    def train_step(self, batch) -> dict:
+        x, y = batch
+        return self.shard.train_step(as_tensor(x), as_tensor(y))
+
+    def pieces(self, replicated: bool) -> tuple[dict, dict, int]:
+        return (self.shard.pieces(replicated=replicated),
+                self.shard.optim_pieces(replicated=replicated), self.shard.step)
+
+    def load(self, pieces: dict, optim: dict | None, step: int) -> None:
+        self.shard.load(pieces, optim, step)
+
+    def stats(self) -> dict:
+        return {"calls": dict(self.shard.calls), **self.shard.param_counts()}
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+RemoteBranchWorker = ray.remote(BranchWorker)
