@@ -238,6 +238,11 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
     elif annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif annotation is str:
         if isinstance(value, str):
             return value
@@ -382,6 +387,13 @@ def _read_source(source: str | Path) -> tuple[str, str]:
     )
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error: what is wrong and where (PyYAML's own text spans several lines)."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`train.lr=3e-4` -> (["train", "lr"], 0.0003); values are parsed as YAML scalars."""
     key, sep, value = item.partition("=")
@@ -390,7 +402,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({_yaml_problem(exc)})") from None
     return key.strip().split("."), parsed
 
 
@@ -402,7 +414,7 @@ def load_config(source: str | Path | None = None, overrides: list[str] | None = 
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{where} is not valid YAML: {exc}") from None
+            raise ConfigError(f"{where} is not valid YAML: {_yaml_problem(exc)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{where} must hold a mapping of sections, got {type(raw).__name__}")
     for item in overrides or []:

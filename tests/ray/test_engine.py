@@ -1,0 +1,131 @@
+"""The engine on local Ray against the single-process model: outputs, weights after training steps,
+loss curves, checkpoints across layouts, what each worker holds, and bad input."""
+
+import pytest
+import torch
+
+from layerpar.config import ConfigError, load_config
+from layerpar.model import ParaFormer
+from layerpar.parallel.comm import LocalComm
+from layerpar.runtime import Engine, PlacementError
+from layerpar.train.optim import make_optimizer
+from layerpar.train.step import train_step
+
+pytestmark = pytest.mark.ray
+N = 6
+
+
+def make_cfg(workers: int, *extra: str):
+    return load_config(None, [f"model.num_branches={N}", "model.dim=32", "model.heads=2",
+                              "model.mlp_dim=64", f"parallel.workers={workers}", "train.lr=1e-3",
+                              *extra])
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Workers run one torch thread; the reference model must add its floats the same way.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def batch(n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+@pytest.mark.parametrize("transport", ["collective", "object_store"])
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_infer_matches_single_process(local_ray, workers, transport):
+    cfg = make_cfg(workers, f"parallel.transport={transport}")
+    reference = ParaFormer(cfg.model, seed=cfg.train.seed).eval()
+    x, _ = batch()
+    with Engine(cfg) as engine, torch.no_grad():
+        torch.testing.assert_close(engine.infer(x), reference(x), atol=1e-5, rtol=0)
+        for k in (1, 4):
+            torch.testing.assert_close(engine.infer(x, num_branches=k), reference(x, k), atol=1e-5,
+                                       rtol=0)
+        torch.testing.assert_close(engine.prefix_logits(x)[2], reference(x, 3), atol=1e-5, rtol=0)
+        assert set(engine.last_timings) >= {"broadcast", "embed", "compute", "reduce", "head",
+                                            "dispatch", "total"}
+
+
+@pytest.mark.parametrize("mode", ["joint", "progressive"])
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_training_matches_single_process(local_ray, workers, mode):
+    cfg = make_cfg(workers, f"train.mode={mode}")
+    total = 40
+    reference = ParaFormer(cfg.model, seed=cfg.train.seed)
+    opt = make_optimizer(reference, cfg.train)
+    ref_losses, losses, step = [], [], 0
+    with Engine(cfg, total_steps=total) as engine:
+        for i in range(5):
+            x, y = batch(seed=i)
+            out = train_step(reference, opt, LocalComm(), x, y, cfg=cfg, step=step, total_steps=total)
+            step = out["step"]
+            ref_losses.append(out["loss"])
+            got = engine.train_step(x, y)
+            losses.append(got["loss"])
+            assert got["step"] == step
+            if mode == "progressive":
+                assert got["prefix_losses"] == pytest.approx(out["prefix_losses"], abs=1e-5)
+        weights = engine.state_dict()
+    assert losses == pytest.approx(ref_losses, abs=1e-5)  # the loss curves match
+    expected = reference.state_dict()
+    assert weights.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(weights[name], value, atol=1e-5, rtol=0, msg=name)
+
+
+def test_workers_hold_only_their_branches(local_ray):
+    cfg = make_cfg(3)
+    with Engine(cfg) as engine:
+        stats = engine.stats()
+    full = ParaFormer(cfg.model)
+    per_branch = sum(p.numel() for p in full.branch(0).parameters())
+    replicated = sum(p.numel() for m in (full.embed, full.head) for p in m.parameters())
+    assert [s["branch_ids"] for s in stats] == [[0, 1], [2, 3], [4, 5]]
+    for s in stats:
+        assert s["branches"] == 2 * per_branch
+        assert s["replicated"] == replicated
+    # The driver holds no branch parameters: the engine owns no torch module with branches.
+    assert not any(isinstance(v, torch.nn.Module) and hasattr(v, "branches")
+                   for v in vars(engine).values())
+
+
+def test_prefix_model_calls_only_the_owners(local_ray):
+    with Engine(make_cfg(3)) as engine:
+        x, _ = batch()
+        engine.infer(x, num_branches=2)  # branches 0, 1: worker 0 only
+        engine.infer(x, num_branches=3)  # branches 0..2: workers 0, 1
+        calls = [s["calls"]["infer"] for s in engine.stats()]
+    assert calls == [2, 1, 0]
+
+
+def test_bad_input_is_refused_and_engine_keeps_working(local_ray):
+    cfg = make_cfg(2)
+    x, _ = batch()
+    with Engine(cfg) as engine:
+        with pytest.raises(ValueError, match=r"shape \(B, 1, 8, 8\)"):
+            engine.infer(torch.zeros(2, 3, 8, 8))
+        with pytest.raises(ValueError, match="dtype"):
+            engine.infer(x.double())
+        with pytest.raises(ValueError, match="num_branches"):
+            engine.infer(x, num_branches=N + 1)
+        with pytest.raises(ValueError, match="labels"):
+            engine.train_step(x, torch.zeros(3, dtype=torch.int64))
+        reference = ParaFormer(cfg.model).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(engine.infer(x), reference(x), atol=1e-5, rtol=0)
+
+
+def test_more_workers_than_branches_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"parallel.workers \(7\) must be <= model.num_branches \(6\)"):
+        make_cfg(7)
+
+
+def test_unplaceable_request_fails_fast_with_a_message(local_ray):
+    cfg = make_cfg(2, "parallel.cpus_per_worker=64", "parallel.placement_timeout_s=3")
+    with pytest.raises(PlacementError, match=r"could not place 2 workers .*CPU.*64.* within 3s"):
+        Engine(cfg)
