@@ -1,0 +1,131 @@
+"""Dist tier: real gloo process groups of 2-3 processes, formed from the torchrun variables, no Ray.
+
+The shard code here is exactly what a Ray worker runs; these tests show it also runs under plain
+torchrun-style processes and that its gradients and weights equal the single-process model's.
+"""
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from layerpar.config import load_config
+from layerpar.model import ParaFormer
+from layerpar.parallel import process_group
+from layerpar.parallel.comm import LocalComm
+from layerpar.parallel.shard import BranchShard
+from layerpar.train.optim import make_optimizer
+from layerpar.train.step import train_step
+
+pytestmark = pytest.mark.dist
+N = 6
+
+
+def make_cfg(workers: int, mode: str = "joint"):
+    return load_config(None, [f"model.num_branches={N}", "model.dim=32", "model.heads=2",
+                              "model.mlp_dim=64", f"parallel.workers={workers}", "train.lr=1e-3",
+                              f"train.mode={mode}", "parallel.timeout_s=60"])
+
+
+def batch(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(10, 1, 8, 8, generator=g), torch.randint(0, 10, (10,), generator=g)
+
+
+class _NaiveAllReduce(torch.autograd.Function):
+    """The classic trap: an all-reduce whose backward is also an all-reduce."""
+
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        torch.distributed.all_reduce(g)
+        return g
+
+
+def _grads_worker(rank: int, world: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    process_group.set_env(master_addr="127.0.0.1", master_port=port, rank=rank, world_size=world)
+    shard = BranchShard(make_cfg(world), worker_rank=rank)
+    shard.join_group()
+    model, comm = shard.model, shard.comms[world]
+    x, y = batch(0)
+    result = {}
+    for name in ("layerpar", "naive"):
+        model.zero_grad(set_to_none=True)
+        x0 = model.embed(x)
+        rows = model.branch_outputs(x0, model.branch_ids)
+        if name == "layerpar":
+            total = comm.reduce_branch_sums(rows)
+        else:
+            total = _NaiveAllReduce.apply(rows.sum(0))
+        loss = torch.nn.functional.cross_entropy(model.head(total), y)
+        loss.backward()
+        if name == "layerpar":
+            comm.sum_replicated_grads(model.embed.parameters())
+            own = [p.grad for b in model.branch_ids for p in model.branch(b).parameters()]
+            rep = [p.grad for m in (model.embed, model.head) for p in m.parameters()]
+            result["norm"] = comm.global_grad_norm(own, rep).item()
+        result[name] = {k: p.grad.clone() for k, p in model.named_parameters()}
+    torch.save(result, f"{out}/rank{rank}.pt")
+    process_group.destroy()
+
+
+def _train_worker(rank: int, world: int, port: int, mode: str, out: str) -> None:
+    torch.set_num_threads(1)
+    process_group.set_env(master_addr="127.0.0.1", master_port=port, rank=rank, world_size=world)
+    shard = BranchShard(make_cfg(world, mode), worker_rank=rank, total_steps=30)
+    shard.join_group()
+    losses = [shard.train_step(*batch(i))["loss"] for i in range(3)]
+    torch.save({"losses": losses, "state": shard.model.state_dict()}, f"{out}/rank{rank}.pt")
+    process_group.destroy()
+
+
+def _spawn(fn, world: int, *args) -> None:
+    mp.start_processes(fn, args=(world, process_group.free_port(), *args), nprocs=world,
+                       join=True, start_method="spawn")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_gradients_equal_single_process_and_naive_allreduce_is_w_times(tmp_path, world):
+    _spawn(_grads_worker, world, str(tmp_path))
+    torch.set_num_threads(1)
+    reference = ParaFormer(make_cfg(world).model)
+    x, y = batch(0)
+    torch.nn.functional.cross_entropy(reference(x), y).backward()
+    expected = {k: p.grad for k, p in reference.named_parameters()}
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in expected.values()])).item()
+    for rank in range(world):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["norm"] == pytest.approx(norm, rel=1e-5)
+        for name, grad in got["layerpar"].items():
+            torch.testing.assert_close(grad, expected[name], atol=1e-6, rtol=1e-5, msg=name)
+            if name.startswith("branches."):
+                # The trap multiplies every branch gradient by the world size.
+                torch.testing.assert_close(got["naive"][name], world * expected[name], atol=1e-5,
+                                           rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["joint", "progressive"])
+def test_torchrun_style_training_equals_single_process(tmp_path, mode):
+    world = 3
+    _spawn(_train_worker, world, mode, str(tmp_path))
+    torch.set_num_threads(1)
+    cfg = make_cfg(world, mode)
+    reference = ParaFormer(cfg.model)
+    opt = make_optimizer(reference, cfg.train)
+    step, losses = 0, []
+    for i in range(3):
+        out = train_step(reference, opt, LocalComm(), *batch(i), cfg=cfg, step=step, total_steps=30)
+        step = out["step"]
+        losses.append(out["loss"])
+    expected = reference.state_dict()
+    for rank in range(world):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["losses"] == pytest.approx(losses, abs=1e-6)
+        for name, value in got["state"].items():  # each rank holds its branches + replicas
+            torch.testing.assert_close(value, expected[name], atol=1e-5, rtol=0, msg=name)
