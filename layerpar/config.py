@@ -9,6 +9,7 @@ and what is allowed. ``--config`` accepts a path or the name of a YAML shipped i
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -236,13 +237,16 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+        # a str too: YAML 1.1 reads `3e-4` (no dot) as a string
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
-                return float(value)
-            except ValueError:
-                pass
+                number = float(value)
+            except (ValueError, OverflowError):
+                number = None
+            if number is not None and not math.isfinite(number):  # nan, inf, 1e999
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
+            if number is not None:
+                return number
     elif annotation is str:
         if isinstance(value, str):
             return value

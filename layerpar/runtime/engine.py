@@ -9,27 +9,39 @@ Inference: the driver puts the batch into the object store once and hands every 
 reference; every worker is dispatched before any result is awaited. With the `collective` transport
 the partial sums are reduced inside the worker group and rank 0 applies the head; with
 `object_store` each worker returns its (B, D) partial sum and the driver adds them in rank order.
+
+Faults (docs/FAILURES.md): a worker that dies or does not answer within parallel.timeout_s is noticed
+by the call that needed it; a background Recovery (runtime/recovery.py) restarts it in its bundle,
+restores its weights from the engine's object-store snapshot and re-forms the group, and idempotent
+calls (infer, prefix_logits, state reads) are retried. serve.degraded=wait blocks calls until then;
+serve.degraded=allow answers infer_with_meta from the surviving branches meanwhile, marked degraded.
+A training step is not retried: it raises WorkerError and the run restarts from its last checkpoint
+(layerpar.train.restart).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import operator
 import os
+import threading
 import time
+import uuid
 
 import ray
 import torch
+import torch.distributed as dist
 
+from layerpar.cluster_utils import resolve_address
 from layerpar.config import Config
 from layerpar.model.paraformer import make_head, ordered_sum, prefix_sums
 from layerpar.parallel.layout import BranchLayout
 from layerpar.runtime.placement import bundle_strategy, place_workers, release
+from layerpar.runtime.recovery import MAX_TRIES, FaultHandling, WorkerError, kill
 from layerpar.runtime.worker import RemoteBranchWorker
 
-
-class WorkerError(RuntimeError):
-    """A worker died or did not answer in time."""
+__all__ = ["ClusterError", "Engine", "WorkerError", "connect"]
 
 
 class ClusterError(RuntimeError):
@@ -40,8 +52,8 @@ def connect(cfg: Config) -> bool:
     """Connect to the configured Ray cluster, or start a local one; True when this call started it."""
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only, see NOTES.md
-    address = cfg.parallel.address or os.environ.get("RAY_ADDRESS")
+    # --address, else RAY_ADDRESS (ray job submit, KubeRay), else "auto" on a `ray up` head node
+    address = resolve_address(cfg.parallel.address)
     if address:
         try:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
@@ -51,13 +63,26 @@ def connect(cfg: Config) -> bool:
                 "`ray start --head`, or leave parallel.address unset to run on a local Ray instance"
             ) from None
         return True
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only, see NOTES.md
     need = math.ceil(cfg.parallel.workers * cfg.parallel.cpus_per_worker)
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
              logging_level=logging.WARNING)
     return True
 
 
-class Engine:
+# Below this size a batch travels inside each task's arguments (Ray inlines small values), which
+# is cheaper than a trip through the object store; above it, it is put there once for every worker.
+INLINE_BYTES = 64 * 1024
+
+
+def broadcast_ref(value):
+    """The one copy of `value` every worker reads: an object-store reference, or the value itself
+    when it is small enough to ride in the task arguments."""
+    size = sum(a.nbytes for a in value) if isinstance(value, tuple) else value.nbytes
+    return value if size <= INLINE_BYTES else ray.put(value)
+
+
+class Engine(FaultHandling):
     def __init__(self, cfg: Config, *, total_steps: int = 0, checkpoint: str | None = None):
         if cfg.parallel.workers < 1:
             raise ValueError("Engine needs parallel.workers >= 1; use LocalBackend for a single process")
@@ -67,11 +92,21 @@ class Engine:
         self.layout = BranchLayout(cfg.model.num_branches, cfg.parallel.workers)
         self.collective = cfg.parallel.transport == "collective"
         self.timeout_s = cfg.parallel.timeout_s
+        # starting an actor imports torch and builds its branches: allowed longer than one call
+        self.startup_timeout_s = cfg.parallel.placement_timeout_s + cfg.parallel.timeout_s
+        self.allow_degraded = cfg.serve.degraded == "allow"
         self.last_timings: dict[str, float] = {}
         self.last_bytes: dict[str, int] = {}
         self._head: torch.nn.Module | None = None  # driver copy of the head (object_store, evaluation)
         self._pg = None
         self.workers: list = []
+        self.placement: list[dict] = []
+        self.id = uuid.uuid4().hex[:8]  # names the actors: layerpar-<id>-w<rank>.<generation>
+        self._generation = 0
+        # Collectives must start in the same order on every worker: tasks submitted to several
+        # workers are submitted under this lock, so two threads' calls never interleave.
+        self._submit_lock = threading.Lock()
+        self._init_faults()  # runtime/recovery.py
         self._owns_ray = connect(cfg)
         try:
             self._pg = place_workers(cfg.parallel)
@@ -84,33 +119,39 @@ class Engine:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _start_workers(self) -> None:
+    def _new_worker(self, rank: int):
+        """Start the actor for `rank` in its own bundle (a restarted worker gets the same bundle)."""
         p = self.cfg.parallel
-        self.workers = [
-            RemoteBranchWorker.options(
-                num_cpus=p.cpus_per_worker, num_gpus=p.gpus_per_worker,
-                scheduling_strategy=bundle_strategy(self._pg, rank),
-            ).remote(self.cfg.to_dict(), rank, self.total_steps)
-            for rank in range(self.layout.num_workers)
-        ]
-        self.placement = self._get([w.where.remote() for w in self.workers])
+        self._generation += 1
+        return RemoteBranchWorker.options(
+            num_cpus=p.cpus_per_worker, num_gpus=p.gpus_per_worker,
+            scheduling_strategy=bundle_strategy(self._pg, rank),
+            name=f"layerpar-{self.id}-w{rank}.{self._generation}",  # launch/chaos.py finds it by name
+        ).remote(self.cfg.to_dict(), rank, self.total_steps)
+
+    def _start_workers(self) -> None:
+        self.workers = [self._new_worker(rank) for rank in range(self.layout.num_workers)]
+        self.placement = self._get([w.where.remote() for w in self.workers], self.startup_timeout_s)
         if self.collective and len(self.workers) > 1:
             self._form_group()
 
     def _form_group(self) -> None:
         """Ray Train's rendezvous: rank 0 offers an address and a free port, every rank joins at once,
         and the driver waits on all of them together."""
-        addr, port = self._get(self.workers[0].offer_rendezvous.remote())
+        addr, port = self._get(self.workers[0].offer_rendezvous.remote(), self.startup_timeout_s)
         world = len(self.workers)
-        self._get([w.join_group.remote(addr, port, world) for w in self.workers])
+        self._get([w.join_group.remote(addr, port, world) for w in self.workers], self.startup_timeout_s)
 
     def shutdown(self) -> None:
+        with self._lock:
+            self._closed = True
+            rec = self._recovery
+        if rec is not None:  # let a nearly done recovery finish; a later one kills what it started
+            rec.done.wait(5.0)
         for w in self.workers:
-            try:
-                ray.kill(w)
-            except Exception:  # noqa: BLE001 - already dead
-                pass
+            kill(w)
         self.workers = []
+        self._snapshot = None
         release(self._pg)
         self._pg = None
         if self._owns_ray and ray.is_initialized():
@@ -124,14 +165,20 @@ class Engine:
         self.shutdown()
 
     def _get(self, refs, timeout_s: float | None = None):
-        """ray.get with the engine's timeout; a dead or silent worker becomes a WorkerError."""
+        """ray.get with the engine's timeout; a dead or silent worker, or a collective that failed
+        because of one, becomes a WorkerError."""
+        timeout_s = timeout_s or self.timeout_s
         try:
-            return ray.get(refs, timeout=timeout_s or self.timeout_s)
+            return ray.get(refs, timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
-            raise WorkerError(f"a worker did not answer within parallel.timeout_s="
-                              f"{timeout_s or self.timeout_s:g}s") from None
+            raise WorkerError(f"a worker did not answer within parallel.timeout_s={timeout_s:g}s") from None
         except ray.exceptions.RayActorError as exc:
             raise WorkerError(f"a branch worker died: {str(exc).splitlines()[0]}") from None
+        except ray.exceptions.RayTaskError as exc:
+            if not _is_comm_failure(exc.cause):
+                raise
+            raise WorkerError(f"a collective failed (a peer died or hung): "
+                              f"{str(exc.cause).splitlines()[0][:300]}") from None
 
     # ------------------------------------------------------------------ inference
 
@@ -149,20 +196,58 @@ class Engine:
         return x.detach().cpu().contiguous()
 
     def _num_branches(self, num_branches: int | None) -> int:
-        k = self.cfg.model.num_branches if num_branches is None else int(num_branches)
-        if not 1 <= k <= self.cfg.model.num_branches:
-            raise ValueError(f"num_branches ({k}) must be in 1..{self.cfg.model.num_branches}")
+        n = self.cfg.model.num_branches
+        if num_branches is None:
+            return n
+        try:
+            if isinstance(num_branches, bool):
+                raise TypeError
+            k = operator.index(num_branches)  # int, numpy or 0-d torch integers
+        except TypeError:
+            raise ValueError(f"num_branches must be an integer in 1..{n}, got {num_branches!r}") from None
+        if not 1 <= k <= n:
+            raise ValueError(f"num_branches ({k}) must be in 1..{n}")
         return k
 
     def infer(self, x: torch.Tensor, num_branches: int | None = None) -> torch.Tensor:
         """Logits (B, classes) of the prefix model with `num_branches` branches (default all).
-        Only the workers that own one of those branches are called."""
+        Only the workers that own one of those branches are called. A lost worker is recovered and
+        the call retried (serve.degraded=allow: see infer_with_meta)."""
+        return self.infer_with_meta(x, num_branches)[0]
+
+    def infer_with_meta(self, x: torch.Tensor, num_branches: int | None = None
+                        ) -> tuple[torch.Tensor, dict]:
+        """(logits, {"degraded": bool, "branches_used": [...]}). While a lost worker is being
+        recovered, serve.degraded=wait waits for it; serve.degraded=allow answers at once from the
+        surviving workers' branches (head of their sum, in branch order), marked degraded."""
         x, k = self.check_input(x), self._num_branches(num_branches)
         t0 = time.perf_counter()
-        ref = ray.put(x.numpy())  # one copy in the object store, one reference for every worker
+        ref = broadcast_ref(x.numpy())  # one copy for every worker, and for every retry
+        broadcast_s = time.perf_counter() - t0
+        last: WorkerError | None = None
+        for _ in range(MAX_TRIES):
+            rec = self._recovery
+            if rec is not None and rec.active and self.allow_degraded:
+                out = self._degraded(rec, ref, k)
+                if out is not None:
+                    return out
+            try:
+                with self._dispatch() as workers:
+                    logits = self._infer(workers, ref, x, k, broadcast_s)
+                return logits, {"degraded": False, "branches_used": list(range(k))}
+            except WorkerError as exc:
+                last = exc
+                self._begin_recovery(str(exc))
+        raise last
+
+    def _infer(self, workers: list, ref, x: torch.Tensor, k: int, broadcast_s: float) -> torch.Tensor:
+        if self._state == "snapshot" and self._snapshot is None:
+            self._take_snapshot()  # first inference after training: what a restart would restore
         t1 = time.perf_counter()
+        t0 = t1 - broadcast_s
         r = self.layout.participants(k)
-        refs = [w.infer.remote(ref, k, self.collective) for w in self.workers[:r]]  # dispatch all
+        with self._submit_lock:
+            refs = [w.infer.remote(ref, k, self.collective) for w in workers[:r]]  # dispatch all
         outs = self._get(refs)  # ... then wait once
         t2 = time.perf_counter()
         if self.collective:
@@ -183,26 +268,33 @@ class Engine:
                            "result": logits.numel() * 4}
         return logits
 
+    def _make_head(self, state: dict) -> torch.nn.Module:
+        head = make_head(self.cfg.model, self.cfg.train.seed)
+        head.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items()})
+        return head.eval().requires_grad_(False)
+
     def head_module(self) -> torch.nn.Module:
         """The driver's copy of the (replicated, small) head, fetched from rank 0 when stale."""
         if self._head is None:
-            pieces, _, _ = self._get(self.workers[0].pieces.remote(True))
-            head = make_head(self.cfg.model, self.cfg.train.seed)
-            head.load_state_dict({k.split(".", 1)[1]: v for k, v in pieces["head"].items()})
-            self._head = head.eval().requires_grad_(False)
+            self._head = self._make_head(self._get(self.workers[0].head_piece.remote()))
         return self._head
 
     @torch.no_grad()
     def prefix_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of every prefix model k = 1..N in one pass: (N, B, classes)."""
-        ref = ray.put(self.check_input(x).numpy())
-        outs = self._get([w.branch_outputs.remote(ref) for w in self.workers])
-        return self.head_module()(prefix_sums(torch.cat(outs)))  # (N, B, D) in branch order
+        ref = broadcast_ref(self.check_input(x).numpy())
+
+        def call(workers):
+            outs = self._get([w.branch_outputs.remote(ref) for w in workers])
+            return self.head_module()(prefix_sums(torch.cat(outs)))  # (N, B, D) in branch order
+
+        return self._idempotent(call)
 
     # ------------------------------------------------------------------ training
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
-        """One batch of optimizer steps on every worker (joint or progressive per train.mode)."""
+        """One batch of optimizer steps on every worker (joint or progressive per train.mode).
+        Not retried: a lost worker raises WorkerError (restart from the last checkpoint)."""
         if not self.collective and len(self.workers) > 1:
             raise ValueError("training needs parallel.transport=collective: gradients travel through "
                              "the workers' process group")
@@ -210,32 +302,47 @@ class Engine:
         y = torch.as_tensor(y, dtype=torch.int64)
         if y.shape != (x.shape[0],):
             raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
-        ref = ray.put((x.numpy(), y.numpy()))  # broadcast once
-        outs = self._get([w.train_step.remote(ref) for w in self.workers])
-        self._head = None  # the head moved
-        return outs[0]
+        ref = broadcast_ref((x.numpy(), y.numpy()))  # broadcast once
+
+        def call(workers):
+            self._head = None  # the head moves
+            self._state, self._snapshot = "snapshot", None  # taken again before the next inference
+            self._snapshot_checkpoint = None
+            try:
+                with self._submit_lock:
+                    refs = [w.train_step.remote(ref) for w in workers]
+                return self._get(refs)[0]
+            except WorkerError:
+                self._state = "lost"  # the workers may have stepped unevenly: nothing to restore
+                raise
+
+        return self._not_retried(call)
 
     # ------------------------------------------------------------------ state
 
-    def _collect(self) -> tuple[dict, dict, int]:
-        outs = self._get([w.pieces.remote(rank == 0) for rank, w in enumerate(self.workers)])
+    def _collect(self, workers: list) -> tuple[dict, dict, int, list]:
+        refs = [w.pieces.remote(True) for w in workers]
+        outs = self._get(refs)
         pieces, optim = {}, {}
-        for p, o, _ in outs:
+        for p, o, _ in outs:  # embed and head are replicated: every copy is the same
             pieces.update(p)
             optim.update(o)
-        return pieces, optim, outs[0][2]
+        return pieces, optim, outs[0][2], refs
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights, gathered from the workers (the driver holds none between calls)."""
-        pieces, _, _ = self._collect()
+        pieces, _, _, _ = self._idempotent(self._collect)
         return {k: v for piece in pieces.values() for k, v in piece.items()}
 
     def save(self, path, *, epoch: int, extra: dict | None = None):
         from layerpar.train.checkpoint import save_checkpoint
 
-        pieces, optim, step = self._collect()
-        return save_checkpoint(path, pieces, config=self.cfg, step=step, epoch=epoch, optim=optim,
-                               extra=extra)
+        pieces, optim, step, refs = self._idempotent(self._collect)
+        saved = save_checkpoint(path, pieces, config=self.cfg, step=step, epoch=epoch, optim=optim,
+                                extra=extra)
+        if self._state != "fresh":
+            self._take_snapshot(refs, checkpoint=saved)  # the refs stay in the object store
+        return saved
 
     def load(self, path) -> dict:
         """Load a checkpoint written with any number of workers (or by a single process)."""
@@ -243,30 +350,52 @@ class Engine:
 
         ckpt = load_checkpoint(path)
         step = int(ckpt.manifest.get("step", 0))
-        refs = []
-        for rank, w in enumerate(self.workers):
-            wanted = ["embed", "head"] + [f"branch.{b}" for b in self.layout.owned(rank)]
-            missing = [p for p in wanted if p not in ckpt.tensors]
+        wanted = {}
+        for rank in range(self.layout.num_workers):
+            wanted[rank] = ["embed", "head"] + [f"branch.{b}" for b in self.layout.owned(rank)]
+            missing = [p for p in wanted[rank] if p not in ckpt.tensors]
             if missing:
                 raise ValueError(f"checkpoint {path} lacks {', '.join(missing)} "
                                  f"(it holds {len(ckpt.tensors)} pieces)")
-            pieces = {p: ckpt.tensors[p] for p in wanted}
-            optim = {p: ckpt.optim[p] for p in wanted if p in (ckpt.optim or {})}
-            refs.append(w.load.remote(pieces, optim or None, step))
-        self._get(refs)
-        self._head = None
+
+        def call(workers):
+            refs = []
+            for rank, w in enumerate(workers):
+                pieces = {p: ckpt.tensors[p] for p in wanted[rank]}
+                optim = {p: ckpt.optim[p] for p in wanted[rank] if p in (ckpt.optim or {})}
+                refs.append(w.load.remote(pieces, optim or None, step))
+            self._state = "lost"  # until every worker has loaded
+            self._get(refs)
+            self._head = None
+            self._take_snapshot(checkpoint=ckpt.path)
+
+        self._not_retried(call)
         return ckpt.manifest
 
     def stats(self) -> list[dict]:
         """Per worker: call counts, parameter counts and branch ids (read from the workers)."""
-        return self._get([w.stats.remote() for w in self.workers])
+        return self._idempotent(lambda workers: self._get([w.stats.remote() for w in workers]))
 
     def info(self) -> dict:
         stats = self.stats()
         return {"num_branches": self.cfg.model.num_branches, "workers": len(self.workers),
                 "transport": self.cfg.parallel.transport, "layout": str(self.layout),
-                "nodes": self.worker_nodes(),
+                "nodes": self.worker_nodes(), "step": stats[0]["step"],
+                "recoveries": len(self.recoveries),
                 "params": sum(s["branches"] for s in stats) + stats[0]["replicated"]}
 
     def worker_nodes(self) -> list[str]:
         return [p["node_id"] for p in self.placement]
+
+    def worker_pids(self) -> list[int]:
+        """Process id of every worker, by rank (launch/chaos.py kills them)."""
+        return [int(p["pid"]) for p in self.placement]
+
+
+def _is_comm_failure(cause: BaseException | None) -> bool:
+    """Did a worker's collective fail because a peer died or hung (not a bug in the call)?"""
+    if isinstance(cause, dist.DistError):
+        return True
+    text = str(cause)
+    return isinstance(cause, RuntimeError) and any(
+        s in text for s in ("gloo", "Connection closed", "Connection reset", "Timed out", "NCCL"))

@@ -1,9 +1,17 @@
 """The branch-worker actor: a thin shell around a BranchShard. Each method is a few lines that
-wire the shard to Ray and return plain tensors, dicts or None."""
+wire the shard to Ray and return plain tensors, dicts or None.
+
+Two concurrency groups, one thread each. The default group runs everything that touches the process
+group or the weights (infer, train_step, join/leave, load), strictly in submission order. The `side`
+group answers `ping`, `where`, `partial` and `head_piece` even while the default thread is blocked in a
+collective whose peer died (until the gloo timeout): that is how the engine tells a dead worker from a
+busy one, and how it answers from the surviving branches while it recovers (docs/FAILURES.md).
+"""
 
 from __future__ import annotations
 
 import os
+import time
 import warnings
 
 import numpy as np
@@ -31,6 +39,7 @@ class BranchWorker:
         torch.set_num_threads(cfg.parallel.threads_per_worker)
         self.shard = BranchShard(cfg, worker_rank=worker_rank, total_steps=total_steps)
 
+    @ray.method(concurrency_group="side")
     def where(self) -> dict:
         ctx = ray.get_runtime_context()
         return {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(),
@@ -68,10 +77,43 @@ class BranchWorker:
         self.shard.load(pieces, optim, step)
 
     def stats(self) -> dict:
-        return {"calls": dict(self.shard.calls), **self.shard.param_counts()}
+        return {"calls": dict(self.shard.calls), "step": self.shard.step, **self.shard.param_counts()}
 
+    def restore(self, snapshot: tuple[dict, dict, int]) -> int:
+        """Load a snapshot taken with pieces(replicated=True) (the engine passes its object-store
+        reference; Ray resolves it here). Returns the step restored."""
+        pieces, optim, step = snapshot
+        self.shard.load(pieces, optim or None, step)
+        return step
+
+    # ------------------------------------------------------------------ side group (never blocked)
+
+    @ray.method(concurrency_group="side")
     def ping(self) -> int:
         return os.getpid()
 
+    @ray.method(concurrency_group="side")
+    def partial(self, x, num_branches: int) -> tuple[torch.Tensor, list[int]]:
+        """Pooled rows (K, B, D) of this worker's branches below `num_branches`, and their ids, with no
+        collective: the degraded path while a peer is lost. Runs beside a blocked default thread; the
+        weights are not being trained then (the engine serves degraded answers only while recovering)."""
+        rows, _ = self.shard.infer(as_tensor(x), num_branches, reduce=False)
+        return rows, [b for b in self.shard.model.branch_ids if b < num_branches]
 
-RemoteBranchWorker = ray.remote(BranchWorker)
+    @ray.method(concurrency_group="side")
+    def head_piece(self) -> dict:
+        """The replicated head's weights (any worker's copy is the same)."""
+        return {k: v.detach().cpu().clone() for k, v in self.shard.model.piece_state("head").items()}
+
+    # ------------------------------------------------------------------ test-only fault injection
+
+    def debug_stall(self, seconds: float) -> float:
+        """TEST ONLY: block this worker's default thread for `seconds`, as a hung process would: calls
+        queued behind it (and its peers' collectives) get no answer. Used by tests/faults to check that
+        the driver raises or recovers after parallel.timeout_s instead of hanging."""
+        time.sleep(seconds)
+        return seconds
+
+
+# The side group has its own thread; the default group keeps one thread and submission order.
+RemoteBranchWorker = ray.remote(concurrency_groups={"side": 1})(BranchWorker)

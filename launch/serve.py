@@ -1,0 +1,25 @@
+"""Serve a trained Para-Former over gRPC (layerpar.v1) until SIGTERM / Ctrl-C.
+
+    python launch/serve.py --checkpoint runs/<run>                  # latest checkpoint, 127.0.0.1:50051
+    python launch/serve.py --checkpoint runs/<run> --port 0 --metrics-port 9100
+    python launch/serve.py --checkpoint runs/<run> --set parallel.workers=2     # 2 Ray branch workers
+    python launch/serve.py --checkpoint runs/<run> --set serve.degraded=allow   # answer through worker loss
+    LAYERPAR_SERVE_TOKEN=... python launch/serve.py --checkpoint runs/<run> --host 0.0.0.0 \
+        --set serve.tls_cert=cert.pem --set serve.tls_key=key.pem
+    python launch/predict.py --address 127.0.0.1:50051                      # then, from another shell
+
+Prints "serving layerpar.v1.Inference on HOST:PORT ..." once it serves. On SIGTERM it turns health
+NOT_SERVING, refuses new calls, finishes in-flight requests and exits; the last stdout line is one JSON
+object (address, requests by status, engine calls, drained). Same as `layerpar serve`.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray stays on loopback (NOTES.md)
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+from layerpar.serve.server import cli_main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(cli_main(sys.argv[1:]))

@@ -1,0 +1,198 @@
+"""Dynamic batching: merge requests that arrive close together into one engine call, split back.
+
+    batcher = Batcher(compute, max_batch=64, max_wait_ms=5, max_queue=256)
+    future = batcher.submit(x, num_branches=None, deadline=time.monotonic() + 1.0)  # x: (B, C, H, W)
+    out = future.result()                                   # out.scores: exactly this caller's B rows
+
+One thread owns the engine: it takes the oldest waiting request, waits up to ``max_wait_ms`` (from that
+request's arrival) for more requests with the same ``num_branches`` (a prefix model is a different
+computation, so only equal keys merge), concatenates up to ``max_batch`` rows, runs ``compute`` once and
+hands each caller its slice. The queue is bounded: beyond ``max_queue`` waiting requests ``submit`` raises
+``QueueFull`` at once. A request whose deadline has passed, or whose caller went away, is dropped before
+it is computed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+# compute(x (R, C, H, W), num_branches) -> (logits (R, classes) float32 numpy, meta dict)
+Compute = Callable[[torch.Tensor, int | None], tuple[np.ndarray, dict]]
+
+
+class QueueFull(Exception):
+    """The bounded queue is full (-> RESOURCE_EXHAUSTED)."""
+
+
+class Draining(Exception):
+    """The batcher is shutting down and takes no new requests (-> UNAVAILABLE)."""
+
+
+class DeadlineExpired(Exception):
+    """The request's deadline passed while it waited; it was never computed (-> DEADLINE_EXCEEDED)."""
+
+
+@dataclass
+class Pending:
+    x: np.ndarray  # (B, C, H, W) float32
+    key: int | None  # num_branches; None = all
+    deadline: float | None  # time.monotonic() seconds
+    enqueued: float
+    future: Future = field(default_factory=Future)
+
+    @property
+    def rows(self) -> int:
+        return self.x.shape[0]
+
+    def dead(self, now: float) -> bool:
+        return self.future.cancelled() or (self.deadline is not None and now >= self.deadline)
+
+
+@dataclass
+class BatchOutput:
+    """What one caller gets back."""
+
+    logits: np.ndarray  # (B, classes): this caller's rows only
+    meta: dict  # from compute: degraded, branches_used, timings (seconds per phase)
+    queue_s: float  # time from submit to the start of the engine call
+    batch_rows: int  # rows in the merged engine call
+    batch_requests: int  # requests merged into it
+
+
+class Batcher:
+    def __init__(self, compute: Compute, *, max_batch: int, max_wait_ms: float, max_queue: int,
+                 on_batch: Callable[[int, int], None] | None = None,
+                 on_expired: Callable[[int], None] | None = None):
+        self.compute = compute
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.on_batch = on_batch  # (rows, requests) per engine call
+        self.on_expired = on_expired  # (count) of requests dropped unseen because their deadline passed
+        self._queue: deque[Pending] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        # What was actually computed, for metrics and for tests that check nothing expired ran.
+        self.calls = 0
+        self.rows_computed = 0
+        self.requests_computed = 0
+        self.expired = 0
+        self._thread = threading.Thread(target=self._loop, name="layerpar-batcher", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ callers (any thread)
+
+    def submit(self, x: np.ndarray, num_branches: int | None = None,
+               deadline: float | None = None) -> Future:
+        """Queue one request; the future resolves to a BatchOutput or raises DeadlineExpired or the
+        engine's exception. Raises QueueFull or Draining at once instead of queueing."""
+        p = Pending(x=x, key=num_branches, deadline=deadline, enqueued=time.monotonic())
+        with self._cond:
+            if self._closing:
+                raise Draining("the server is draining and takes no new requests")
+            if len(self._queue) >= self.max_queue:
+                self._drop_dead_locked(p.enqueued)  # callers that left should not hold places
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"the request queue is full ({self.max_queue} requests waiting); "
+                                "retry later or lower the request rate")
+            self._queue.append(p)
+            self._cond.notify()
+        return p.future
+
+    def depth(self) -> int:
+        """Requests waiting (not yet in an engine call)."""
+        return len(self._queue)
+
+    def close(self, timeout_s: float | None = None) -> bool:
+        """Stop taking requests, finish every queued one, stop the thread; True if it finished in time."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    # ------------------------------------------------------------------ the engine thread
+
+    def _drop_dead_locked(self, now: float) -> None:
+        keep: deque[Pending] = deque()
+        expired = 0
+        for p in self._queue:
+            if not p.dead(now):
+                keep.append(p)
+            elif p.future.set_running_or_notify_cancel():  # False: the caller cancelled; nothing to say
+                p.future.set_exception(DeadlineExpired("the deadline passed while the request waited "
+                                                       "in the queue; it was not computed"))
+                expired += 1
+        self._queue = keep
+        if expired:
+            self.expired += expired
+            if self.on_expired:
+                self.on_expired(expired)
+
+    def _take(self) -> list[Pending] | None:
+        """Block until a batch is due; return it (None when closing with an empty queue)."""
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                self._drop_dead_locked(now)
+                if not self._queue:
+                    if self._closing:
+                        return None
+                    self._cond.wait()
+                    continue
+                head = self._queue[0]
+                rows = sum(p.rows for p in self._queue if p.key == head.key)
+                due = head.enqueued + self.max_wait_s
+                if rows >= self.max_batch or now >= due or self._closing:
+                    break
+                self._cond.wait(due - now)  # woken early by submit(): maybe the batch is full now
+            batch: list[Pending] = []
+            rest: deque[Pending] = deque()
+            total, full = 0, False
+            for p in self._queue:
+                # FIFO within a key: stop at the first request that does not fit (a request larger
+                # than max_batch still runs, alone).
+                if p.key == head.key and not full and (not batch or total + p.rows <= self.max_batch):
+                    batch.append(p)
+                    total += p.rows
+                else:
+                    full = full or p.key == head.key
+                    rest.append(p)
+            self._queue = rest
+        # From here on a caller can no longer cancel: the request will be computed and answered.
+        return [p for p in batch if p.future.set_running_or_notify_cancel()]
+
+    def _loop(self) -> None:
+        while (batch := self._take()) is not None:
+            if batch:
+                self._run(batch)
+
+    def _run(self, batch: list[Pending]) -> None:
+        start = time.monotonic()
+        x = torch.from_numpy(np.concatenate([p.x for p in batch]))  # (R, C, H, W)
+        rows, key = x.shape[0], batch[0].key
+        try:
+            logits, meta = self.compute(x, key)  # (R, classes)
+        except BaseException as exc:  # noqa: BLE001 - every caller must get an answer
+            for p in batch:
+                p.future.set_exception(exc)
+            return
+        self.calls += 1
+        self.rows_computed += rows
+        self.requests_computed += len(batch)
+        if self.on_batch:
+            self.on_batch(rows, len(batch))
+        offset = 0
+        for p in batch:  # each caller gets exactly its own rows, in the order it sent them
+            out = BatchOutput(logits=logits[offset: offset + p.rows], meta=meta, queue_s=start - p.enqueued,
+                              batch_rows=rows, batch_requests=len(batch))
+            offset += p.rows
+            p.future.set_result(out)

@@ -1,0 +1,317 @@
+"""The gRPC server: a thin servicer (decode -> validate -> batch -> encode) in front of any Backend.
+
+    layerpar serve --checkpoint runs/<run>                      # or: python launch/serve.py ...
+    layerpar serve --checkpoint runs/<run> --port 0 --set serve.max_wait_ms=2 --set parallel.workers=2
+
+In Python (tests, benchmarks): ``with ServerThread(cfg, backend) as srv: Client(srv.address)``.
+
+Services: layerpar.v1.Inference (Predict, ModelInfo), grpc.health.v1.Health (SERVING only while the
+backend reports every worker up; NOT_SERVING while draining or degraded below serve.min_live_fraction)
+and server reflection. Metrics: Prometheus text on 127.0.0.1:<serve.metrics_port>/metrics.
+SIGTERM / SIGINT: health turns NOT_SERVING, new calls get UNAVAILABLE, in-flight requests finish
+(at most serve.drain_timeout_s), then the server stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import threading
+import time
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from layerpar.serve import layerpar_v1_pb2 as pb
+from layerpar.serve.auth import TokenAuth, server_credentials
+from layerpar.serve.batching import Batcher, DeadlineExpired, Draining, QueueFull
+from layerpar.serve.codec import BadRequest, InputSpec, decode_request, encode_response, parse_request
+from layerpar.serve.metrics import ServerMetrics
+from layerpar.serve.runner import BackendRunner, BackendUnavailable, probe
+
+log = logging.getLogger("layerpar.serve")
+SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "layerpar.v1.Inference"
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+Code = grpc.StatusCode
+DRAIN_LINGER_S = 0.25
+
+
+def redacted_config(cfg, port: int | None = None) -> dict:
+    """The config as ModelInfo shows it: the bound port, no token, no key paths."""
+    raw = cfg.to_dict()
+    raw["serve"] = {**raw["serve"], "token": "<set>" if cfg.serve.token else None,
+                    "tls_key": "<set>" if cfg.serve.tls_key else None}
+    if port is not None:
+        raw["serve"]["port"] = port
+    return raw
+
+
+class InferenceServer:
+    """One gRPC server on the current asyncio loop; start(), then stop() (drains first)."""
+
+    def __init__(self, cfg, backend, *, classes: list[str] | None = None, checkpoint_id: str = ""):
+        self.cfg, self.backend = cfg, backend
+        self.spec = InputSpec.from_config(cfg)
+        self.metrics = ServerMetrics(max_batch=cfg.serve.max_batch)
+        self.runner = BackendRunner(backend, retries=cfg.serve.retries,
+                                    on_error=self.metrics.backend_errors.inc)
+        self.info = dict(backend.info())
+        self.classes = classes or [str(i) for i in range(cfg.model.num_classes)]
+        self.checkpoint_id = checkpoint_id
+        self.workers = int(self.info.get("workers", 0))
+        self.address = self.metrics_url = self.port = None
+        self.batcher: Batcher | None = None
+        self._draining = False
+        self._engine_failed = False
+        self._inflight = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> str:
+        """Bind, start serving, return "host:port"."""
+        s = self.cfg.serve
+        self.batcher = Batcher(self._compute, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms,
+                               max_queue=s.max_queue, on_batch=self.metrics.batch)
+        self.metrics.track_queue(self.batcher.depth)
+        interceptors = [TokenAuth(s.token, on_refused=lambda m: self.metrics.request(m, "UNAUTHENTICATED"))] \
+            if s.token else []
+        self.server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a taken port is an error, not a silently shared one
+        ])
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+            # Predict takes raw bytes so that a garbage message is INVALID_ARGUMENT, not INTERNAL.
+            "Predict": grpc.unary_unary_rpc_method_handler(
+                self.predict, response_serializer=pb.PredictResponse.SerializeToString),
+            "ModelInfo": grpc.unary_unary_rpc_method_handler(
+                self.model_info, request_deserializer=pb.ModelInfoRequest.FromString,
+                response_serializer=pb.ModelInfoResponse.SerializeToString),
+        }),))
+        self.health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.server)
+        await self._set_health(False)  # NOT_SERVING until the first probe says the workers are up
+        host = f"[{s.host}]" if ":" in s.host else s.host
+        target = f"{host}:{s.port}"
+        if s.tls_cert:
+            port = self.server.add_secure_port(target, server_credentials(s.tls_cert, s.tls_key))
+        else:
+            port = self.server.add_insecure_port(target)
+        await self.server.start()
+        self.address, self.port = f"{host}:{port}", port
+        if s.metrics_port >= 0:
+            self.metrics_url = f"http://{host}:{self.metrics.start_http(s.host, s.metrics_port)}/metrics"
+        await self._check_health()
+        self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
+        return self.address
+
+    async def begin_drain(self) -> None:
+        """Health NOT_SERVING from now on; new Predict calls get UNAVAILABLE; queued ones still run."""
+        self._draining = True
+        self.metrics.serving.set(0)
+        await self.health.enter_graceful_shutdown()
+
+    async def stop(self, grace_s: float | None = None) -> bool:
+        """Drain, wait for in-flight requests (at most grace_s), stop. True if none was cut off."""
+        loop = asyncio.get_running_loop()
+        grace = self.cfg.serve.drain_timeout_s if grace_s is None else grace_s
+        end = loop.time() + grace
+        if not self._draining:
+            await self.begin_drain()
+        while (self._inflight or self.batcher.depth()) and loop.time() < end:
+            await asyncio.sleep(0.005)
+        finished = self._inflight == 0
+        # Keep answering UNAVAILABLE (retryable) a moment longer: a call that reaches a stopping gRPC
+        # server is CANCELLED instead, which clients do not retry.
+        await asyncio.sleep(min(DRAIN_LINGER_S, max(0.0, end - loop.time())))
+        self._health_task.cancel()
+        # Only long-lived streams (health Watch) can be left; give them a moment, not the whole grace.
+        await self.server.stop(min(0.2, max(0.0, end - loop.time())))
+        await loop.run_in_executor(None, self.batcher.close, max(1.0, end - loop.time()))
+        self.metrics.stop_http()
+        return finished
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+    # ------------------------------------------------------------------ health
+
+    async def _set_health(self, serving: bool) -> None:
+        if self._draining:
+            return
+        for name in ("", SERVICE):
+            await self.health.set(name, SERVING if serving else NOT_SERVING)
+        self.metrics.serving.set(1 if serving else 0)
+
+    async def _check_health(self) -> None:
+        interval = self.cfg.serve.health_interval_s
+        try:
+            ready, workers, alive = await asyncio.wait_for(
+                asyncio.get_running_loop().run_in_executor(None, probe, self.backend, self.workers),
+                timeout=max(5.0, 5 * interval))
+        except Exception as exc:  # noqa: BLE001 - a probe that fails means not serving, not a crash
+            log.warning("health probe failed: %s: %s", type(exc).__name__, exc)
+            ready, workers, alive = False, self.workers, 0
+        self.metrics.workers.set(workers)
+        self.metrics.workers_alive.set(alive)
+        enough = workers == 0 or alive >= math.ceil(workers * self.cfg.serve.min_live_fraction - 1e-9)
+        if ready and enough and self._engine_failed and not self._draining:
+            await self._probe_engine(timeout_s=max(5.0, 5 * interval))
+        await self._set_health(ready and enough and not self._engine_failed)
+
+    async def _probe_engine(self, timeout_s: float) -> None:
+        """After a failed engine call, one 1-row request through the batcher (the engine's only caller)
+        tells whether the engine answers again, even when no client sends traffic."""
+        x = np.zeros((1, *self.spec.input_shape), np.float32)
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(
+                self.batcher.submit(x, None, time.monotonic() + timeout_s)), timeout_s)
+        except Exception as exc:  # noqa: BLE001 - still failing: stay NOT_SERVING
+            log.warning("engine probe failed: %s: %s", type(exc).__name__, exc)
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.serve.health_interval_s)
+            await self._check_health()
+
+    # ------------------------------------------------------------------ Inference service
+
+    def _compute(self, x, num_branches):
+        """Runs on the batcher thread: one engine call for a merged batch."""
+        try:
+            logits, meta = self.runner(x, num_branches)
+        except BaseException:
+            self._engine_failed = True  # health says NOT_SERVING until an engine call succeeds again
+            raise
+        self._engine_failed = False
+        self.metrics.phases(meta["timings"])  # once per engine call, not once per request
+        return logits, meta
+
+    async def predict(self, raw: bytes, context) -> pb.PredictResponse:
+        self._inflight += 1
+        start = time.monotonic()
+        try:
+            result = await self._predict(raw, context)
+        except asyncio.CancelledError:  # the caller left or its deadline passed mid-call
+            remaining = context.time_remaining()
+            gone = remaining is not None and remaining <= 0
+            self.metrics.request("Predict", "DEADLINE_EXCEEDED" if gone else "CANCELLED")
+            raise
+        finally:
+            self._inflight -= 1
+        if isinstance(result, pb.PredictResponse):
+            self.metrics.request("Predict", "OK")
+            self.metrics.phase.labels(phase="total").observe(time.monotonic() - start)
+            return result
+        code, message = result
+        self.metrics.request("Predict", code.name)
+        await context.abort(code, message)
+
+    async def _predict(self, raw: bytes, context) -> pb.PredictResponse | tuple[Code, str]:
+        t0 = time.perf_counter()
+        if self._draining:
+            return Code.UNAVAILABLE, "the server is draining (shutting down); send the request elsewhere"
+        try:
+            d = decode_request(parse_request(raw), self.spec)
+        except BadRequest as exc:
+            return Code.INVALID_ARGUMENT, str(exc)
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None and remaining < 1e8 else None
+        try:
+            future = self.batcher.submit(d.x, d.num_branches, deadline)
+        except QueueFull as exc:
+            return Code.RESOURCE_EXHAUSTED, str(exc)
+        except Draining as exc:
+            return Code.UNAVAILABLE, str(exc)
+        try:
+            out = await asyncio.wrap_future(future)
+        except DeadlineExpired as exc:
+            return Code.DEADLINE_EXCEEDED, str(exc)
+        except BackendUnavailable as exc:
+            return Code.UNAVAILABLE, str(exc)
+        except Exception as exc:  # noqa: BLE001 - one bad engine call must not take the server down
+            log.exception("engine call failed")
+            return Code.INTERNAL, f"the engine failed: {type(exc).__name__}: {exc}"
+        meta = out.meta
+        k = d.num_branches or self.spec.num_branches
+        degraded = bool(meta.get("degraded", False))
+        used = [int(b) for b in meta.get("branches_used") or range(k)]
+        if degraded:
+            self.metrics.degraded.inc()
+        self.metrics.rows.inc(d.rows)
+        self.metrics.phase.labels(phase="queue").observe(out.queue_s)
+        timings = {"queue": out.queue_s * 1e3, **{p: s * 1e3 for p, s in meta["timings"].items()}}
+        timings["total"] = (time.perf_counter() - t0) * 1e3
+        return encode_response(out.logits, d, num_branches=len(used) if degraded else k, degraded=degraded,
+                               branches_used=used, timings_ms=timings, batch_rows=out.batch_rows)
+
+    async def model_info(self, request, context) -> pb.ModelInfoResponse:
+        m, s = self.cfg.model, self.cfg.serve
+        self.metrics.request("ModelInfo", "OK")
+        return pb.ModelInfoResponse(
+            model_kind=m.kind, classes=self.classes, input_shape=list(self.spec.input_shape),
+            input_dtype="float32", num_classes=m.num_classes, num_branches=m.num_branches,
+            workers=self.workers, transport=str(self.info.get("transport", "local")),
+            params=int(self.info.get("params", 0)), checkpoint_id=self.checkpoint_id,
+            config_json=json.dumps(redacted_config(self.cfg, self.port)), max_request_rows=s.max_request_rows,
+            max_batch=s.max_batch, degraded_policy=s.degraded)
+
+
+class ServerThread:
+    """An InferenceServer on its own event loop in a background thread (tests, benchmarks, notebooks).
+
+        with ServerThread(cfg, backend) as srv:
+            Client(srv.address).predict(x)
+    """
+
+    def __init__(self, cfg, backend, **kwargs):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="layerpar-grpc", daemon=True)
+        self._thread.start()
+        self.server = self._call(self._make(cfg, backend, kwargs))
+
+    async def _make(self, cfg, backend, kwargs) -> InferenceServer:
+        return InferenceServer(cfg, backend, **kwargs)
+
+    def _call(self, coro, timeout_s: float | None = 120.0):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
+
+    def start(self) -> ServerThread:
+        self.address = self._call(self.server.start())
+        self.metrics_url = self.server.metrics_url
+        return self
+
+    def begin_drain(self) -> None:
+        self._call(self.server.begin_drain())
+
+    def stop(self, grace_s: float | None = 5.0) -> bool:
+        try:
+            return self._call(self.server.stop(grace_s), None)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    """`layerpar serve ...`; see layerpar.serve.launcher for the options."""
+    from layerpar.serve.launcher import serve_main
+
+    return serve_main(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli_main())

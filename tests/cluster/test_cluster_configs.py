@@ -1,0 +1,216 @@
+"""Every file in cluster/ is a config Ray (or KubeRay) accepts, every key carries a comment, the header
+gives the commands, every node installs the package, and the training arguments in them are valid.
+
+    .venv/bin/python -m pytest -q tests/cluster/test_cluster_configs.py
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from cluster_helpers import REPO
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+from layerpar.config import load_config
+from layerpar.train.loop import parse_args  # what launch/train.py parses its arguments with
+
+pytestmark = pytest.mark.cluster
+
+CLUSTER_DIR = REPO / "cluster"
+LAUNCHER_YAMLS = sorted(p for p in CLUSTER_DIR.glob("*.yaml") if not p.name.startswith("kuberay"))
+KUBERAY = CLUSTER_DIR / "kuberay-rayjob.yaml"
+ALL_YAMLS = [*LAUNCHER_YAMLS, KUBERAY]
+ids = [p.name for p in ALL_YAMLS]
+launcher_ids = [p.name for p in LAUNCHER_YAMLS]
+
+KEY = re.compile(r"^(\s*)(?:-\s+)?(\"[^\"]+\"|[A-Za-z0-9_.~/-]+):(\s|$)")
+BLOCK_SCALAR = re.compile(r":\s*[>|][-+]?\s*(#.*)?$|^\s*-\s+[>|][-+]?\s*$")
+
+
+def header(path: Path) -> str:
+    """The leading comment block, '# ' stripped."""
+    out = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        out.append(line[2:] if line.startswith("# ") else line[1:])
+    return "\n".join(out)
+
+
+def header_commands(path: Path) -> list[str]:
+    """Commands in the header: a line starting with `ray ` or `kubectl `, joined with the more deeply
+    indented lines that continue it."""
+    cmds: list[str] = []
+    indent = None
+    for line in header(path).splitlines():
+        stripped = line.strip()
+        lead = len(line) - len(line.lstrip())
+        if stripped.startswith(("ray ", "kubectl ")):
+            cmds.append(stripped.split("  #")[0].strip())
+            indent = lead
+        elif cmds and indent is not None and stripped and lead > indent + 1 and not stripped.startswith("("):
+            cmds[-1] += " " + stripped.split("  #")[0].strip()
+        else:
+            indent = None
+    return cmds
+
+
+def uncommented_keys(text: str) -> list[str]:
+    """Keys with neither an inline comment nor a comment line right above them (block scalar
+    contents, e.g. shell commands, are not keys)."""
+    bad, prev, block_indent = [], "", None
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        if block_indent is not None:
+            if indent > block_indent:
+                continue
+            block_indent = None
+        m = KEY.match(line)
+        if m and not line.lstrip().startswith("#"):
+            has_inline = re.search(r"\s#\s", line) is not None
+            if not has_inline and not prev.lstrip().startswith("#"):
+                bad.append(line.strip())
+        if BLOCK_SCALAR.search(line):
+            block_indent = indent
+        prev = line
+    return bad
+
+
+@pytest.mark.parametrize("path", LAUNCHER_YAMLS, ids=launcher_ids)
+def test_launcher_yaml_passes_ray_schema(path):
+    """What `ray up` does before it touches any node: fill in the provider's defaults, then check
+    against Ray's cluster-config JSON schema (ray/autoscaler/ray-schema.json)."""
+    raw = yaml.safe_load(path.read_text())
+    validate_config(prepare_config(raw))
+
+
+def test_local_yaml_is_a_one_machine_cluster():
+    cfg = prepare_config(yaml.safe_load((CLUSTER_DIR / "local.yaml").read_text()))
+    assert cfg["provider"] == {"type": "local", "head_ip": "127.0.0.1", "worker_ips": []}
+    assert cfg["max_workers"] == 0
+    env_lines = " ".join(cfg["setup_commands"])
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in env_lines and "RAY_AUTH_MODE=token" in env_lines
+
+
+@pytest.mark.parametrize("path", ALL_YAMLS, ids=ids)
+def test_every_key_is_commented(path):
+    assert uncommented_keys(path.read_text()) == []
+
+
+def test_the_comment_checker_catches_a_bare_key():
+    text = "# a\nx: 1\ny: 2  # b\nz: |\n  k: v\nw:\n  - u: 1\n"
+    assert uncommented_keys(text) == ["z: |", "w:", "- u: 1"]
+
+
+@pytest.mark.parametrize("path", ALL_YAMLS, ids=ids)
+def test_no_credentials_and_capital_placeholders(path):
+    text = path.read_text()
+    for pattern in (r"AKIA[0-9A-Z]{16}", r"BEGIN [A-Z ]*PRIVATE KEY", r"aws_secret_access_key",
+                    r"(?i)password\s*:", r"ghp_[A-Za-z0-9]{20,}", r"\b[0-9a-f]{64}\b"):
+        assert not re.search(pattern, text), f"{path.name} looks like it holds a credential: {pattern}"
+    # placeholders are CAPITALS, never <angle brackets> or lower-case stand-ins
+    assert not re.search(r"<[a-z][^>]*>|\byour[-_]|changeme|xxx", text, re.I)
+
+
+@pytest.mark.parametrize("path", LAUNCHER_YAMLS, ids=launcher_ids)
+def test_header_gives_the_four_commands(path):
+    rel = f"cluster/{path.name}"
+    cmds = header_commands(path)
+    for verb in ("ray up", "ray submit", "ray down"):
+        assert any(c.startswith(verb) and rel in c for c in cmds), f"{path.name}: no `{verb} {rel}`"
+    assert any(c.startswith("ray job submit") and "--working-dir ." in c for c in cmds)
+
+
+def test_kuberay_header_gives_the_commands():
+    cmds = header_commands(KUBERAY)
+    assert any(c.startswith("kubectl apply -f cluster/kuberay-rayjob.yaml") for c in cmds)
+    assert any(c.startswith("kubectl delete -f cluster/kuberay-rayjob.yaml") for c in cmds)
+    assert any(c.startswith("ray job submit") for c in cmds)
+
+
+def _train_args(cmd: str) -> list[str]:
+    words = shlex.split(cmd)
+    if "--" in words and words[0] == "ray" and words[1] == "submit":
+        return words[words.index("--") + 1:]
+    return words[words.index("launch/train.py") + 1:]
+
+
+@pytest.mark.parametrize("path", ALL_YAMLS, ids=ids)
+def test_training_commands_are_valid(path):
+    """The train.py arguments in each header (and the RayJob entrypoint) parse, and their config
+    loads: a stale flag or config key in the docs fails here, not on a cluster."""
+    cmds = [c for c in header_commands(path) if "train.py" in c]
+    if path == KUBERAY:
+        cmds.append(yaml.safe_load(path.read_text())["spec"]["entrypoint"])
+    assert cmds
+    for cmd in cmds:
+        args = parse_args(_train_args(cmd))
+        load_config(args.config, args.overrides)
+
+
+@pytest.mark.parametrize("path", LAUNCHER_YAMLS, ids=launcher_ids)
+def test_every_node_gets_the_package(path):
+    """`ray submit` copies only the script: the package source is mounted on every node and
+    setup_commands installs it."""
+    cfg = yaml.safe_load(path.read_text())
+    mounts = cfg["file_mounts"]
+    for local in ("./layerpar", "./launch", "./pyproject.toml", "./README.md"):
+        assert local in mounts.values(), f"{path.name} does not mount {local}"
+        remote = next(r for r, loc in mounts.items() if loc == local)
+        assert remote.startswith("~/layerpar-src/")  # never ~/layerpar: see local.yaml
+    assert mounts.get("~/.ray/auth_token") == "~/.ray/auth_token"
+    setup = " ".join(cfg["setup_commands"])
+    assert "pip install -q -e ~/layerpar-src" in setup
+    assert "~/.layerpar_env" in setup and "RAY_AUTH_MODE=token" in setup
+    assert ".gitignore" in cfg["rsync_filter"]  # never .venv/ or runs/
+
+
+def test_gpu_workers_have_one_gpu_each():
+    aws = yaml.safe_load((CLUSTER_DIR / "aws.yaml").read_text())["available_node_types"]
+    assert aws["ray.worker.gpu"]["resources"]["GPU"] == 1
+    assert aws["ray.head.default"]["resources"].get("GPU", 0) == 0
+    gcp = yaml.safe_load((CLUSTER_DIR / "gcp.yaml").read_text())["available_node_types"]
+    assert gcp["ray_worker_gpu"]["resources"]["GPU"] == 1
+    (acc,) = gcp["ray_worker_gpu"]["node_config"]["guestAccelerators"]
+    assert acc["acceleratorCount"] == 1
+
+
+def test_kuberay_rayjob_structure():
+    doc = yaml.safe_load(KUBERAY.read_text())
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"])
+    spec = doc["spec"]
+    assert spec["entrypoint"].startswith("python launch/train.py ")
+    assert spec["shutdownAfterJobFinishes"] is True
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert set(runtime_env) == {"working_dir", "pip"}
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"] == ray.__version__
+    assert cluster["authOptions"] == {"mode": "token"}
+    head = cluster["headGroupSpec"]
+    assert all(isinstance(v, str) for v in head["rayStartParams"].values())  # KubeRay wants strings
+    (head_container,) = head["template"]["spec"]["containers"]
+    assert head_container["image"].startswith(f"rayproject/ray:{ray.__version__}-")
+    assert {p["containerPort"] for p in head_container["ports"]} >= {6379, 8265, 10001}
+    (group,) = cluster["workerGroupSpecs"]
+    assert group["groupName"]
+    assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    (worker,) = group["template"]["spec"]["containers"]
+    assert worker["image"] == f"rayproject/ray:{ray.__version__}-py311-gpu"
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # the entrypoint asks for as many one-GPU workers as the group starts
+    overrides = dict(a.split("=", 1) for a in shlex.split(spec["entrypoint"]) if "=" in a)
+    assert int(overrides["parallel.workers"]) == group["replicas"]
+    assert overrides["parallel.placement"] == "STRICT_SPREAD"
+
+
+def test_versions_match_the_pinned_ray():
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert f'"ray[default]=={ray.__version__}"' in pyproject

@@ -1,0 +1,119 @@
+"""Placement across nodes, proven on a multi-node Ray cluster on one machine (a head and two worker
+nodes on 127.0.0.1, each its own raylet with 1 CPU, from Ray's multi-node test utility):
+
+- parallel.placement=STRICT_SPREAD puts the 3 branch workers on 3 distinct nodes, and the trained
+  model equals the single-process run's (same seed, same data): same test accuracy, same weights;
+- STRICT_PACK puts all 3 on one node.
+
+    .venv/bin/python -m pytest -q tests/cluster/test_multinode.py
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from cluster_helpers import REPO, kill_session, last_json, ray_env, ray_temp_dir, run, tail, train_cmd
+
+from layerpar.cluster_utils import stop_ray_processes
+from layerpar.train.checkpoint import load_checkpoint, model_state
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
+
+# The tiny synthetic config (4 branches, 4 classes): 16 steps, seconds of compute, and a model well
+# above chance (~0.6 test accuracy), so "the same result" is a statement about a trained model.
+TRAIN = ["--config", "tiny", "--set", "train.epochs=4"]
+
+
+def _read_first_line(proc: subprocess.Popen, timeout_s: float) -> str:
+    box: list[str] = []
+    reader = threading.Thread(target=lambda: box.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout_s)
+    return box[0] if box else ""
+
+
+@pytest.fixture(scope="module")
+def three_nodes():
+    """Head + 2 worker nodes; stopped at the end by closing the helper's stdin (Cluster.shutdown), and
+    then by pid for anything left under the cluster's temp dir."""
+    root = Path(tempfile.mkdtemp(prefix="lpc-", dir="/tmp"))
+    env = ray_env(root)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "cluster" / "multinode_cluster.py"), str(ray_temp_dir(root))],
+        env=env, cwd=root, text=True, start_new_session=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        line = _read_first_line(proc, timeout_s=120)
+        if not line.startswith("{"):
+            proc.kill()
+            raise AssertionError(f"the 3-node cluster did not come up:\n{line}{proc.stdout.read()}")
+        info = json.loads(line)
+        yield {**info, "env": env, "root": root}
+    finally:
+        try:
+            proc.stdin.close()  # the helper shuts its cluster down
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            kill_session(proc.pid)
+        stop_ray_processes(ray_temp_dir(root), grace_s=2)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def single_process_run(three_nodes):
+    out = run(train_cmd(*TRAIN, "--set", "parallel.workers=0",
+                        "--out-dir", str(three_nodes["root"] / "runs-single")),
+              env=three_nodes["env"], timeout_s=120)
+    assert out.returncode == 0, tail(out.stdout)
+    return last_json(out.stdout)
+
+
+def _cluster_run(nodes: dict, placement: str, name: str, *extra: str) -> dict:
+    out = run(train_cmd(*TRAIN, "--set", "parallel.workers=3", "--set", f"parallel.placement={placement}",
+                        *extra, "--address", nodes["address"],
+                        "--out-dir", str(nodes["root"] / f"runs-{name}")),
+              env=nodes["env"], timeout_s=180)
+    assert out.returncode == 0, tail(out.stdout)
+    summary = last_json(out.stdout)
+    assert "worker_nodes" in summary, f"the run summary lists no worker_nodes: {sorted(summary)}"
+    assert summary["workers"] == 3 and len(summary["worker_nodes"]) == 3
+    return summary
+
+
+def _weights(summary: dict) -> dict[str, torch.Tensor]:
+    return model_state(load_checkpoint(summary["checkpoint"]))
+
+
+def _assert_same_model(dist: dict, single: dict) -> None:
+    assert dist["steps"] == single["steps"]
+    assert dist["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=1e-9)
+    assert dist["test_loss"] == pytest.approx(single["test_loss"], abs=1e-5)
+    # the saved weights, piece by piece (tests/ray's engine-parity tolerance)
+    a, b = _weights(dist), _weights(single)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_strict_spread_puts_each_worker_on_its_own_node(three_nodes, single_process_run):
+    summary = _cluster_run(three_nodes, "STRICT_SPREAD", "spread")
+    # three distinct nodes, and exactly the three this test started
+    assert len(set(summary["worker_nodes"])) == 3
+    assert set(summary["worker_nodes"]) == set(three_nodes["nodes"].values())
+    _assert_same_model(summary, single_process_run)
+
+
+def test_strict_pack_puts_all_workers_on_one_node(three_nodes, single_process_run):
+    # 3 x 0.3 CPU fit one 1-CPU node, so STRICT_PACK is satisfiable
+    summary = _cluster_run(three_nodes, "STRICT_PACK", "pack", "--set", "parallel.cpus_per_worker=0.3")
+    assert len(set(summary["worker_nodes"])) == 1
+    assert summary["worker_nodes"][0] in three_nodes["nodes"].values()
+    _assert_same_model(summary, single_process_run)

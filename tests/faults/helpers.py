@@ -1,0 +1,36 @@
+"""Helpers of the fault tests: tiny configs with short timeouts, test images, the chaos module."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only (NOTES.md)
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+from layerpar.config import load_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 5.0  # parallel.timeout_s in these tests: a hung worker is given up on after 5 s
+
+
+def load_chaos():
+    spec = importlib.util.spec_from_file_location("layerpar_chaos", ROOT / "launch" / "chaos.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fault_cfg(workers: int = 2, *extra: str, degraded: str = "wait"):
+    """The packaged `tiny` Para-Former (4 branches, width 16, 8x8 inputs, 4 classes) on `workers`
+    Ray workers, parallel.timeout_s=5."""
+    return load_config("tiny", [f"parallel.workers={workers}", "parallel.cpus_per_worker=0.5",
+                                f"parallel.timeout_s={TIMEOUT_S}", "parallel.placement_timeout_s=60",
+                                f"serve.degraded={degraded}", *extra])
+
+
+def images(rows: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
