@@ -99,7 +99,10 @@ def training_throughput(steps: int) -> dict:
         torch.set_num_threads(threads)
         model = ParaFormer(cfg.model)
         opt = make_optimizer(model, cfg.train)
-        step = lambda: train_step(model, opt, LocalComm(), x, y, cfg=cfg, step=0, total_steps=10**6)
+
+        def step(model=model, opt=opt):
+            return train_step(model, opt, LocalComm(), x, y, cfg=cfg, step=0, total_steps=10**6)
+
         timing, _ = measure(step, warmup=2, reps=steps, min_reps=3, max_seconds=30)
         out[f"train_samples_per_s_1proc_{threads}thread"] = x.shape[0] / (timing.p50_ms / 1e3)
     torch.set_num_threads(1)

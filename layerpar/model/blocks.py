@@ -44,10 +44,27 @@ def layer_norm(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tenso
 def attention(p: dict[str, torch.Tensor], h: torch.Tensor, heads: int) -> torch.Tensor:
     """Multi-head self-attention; h (..., B, T, D) -> (..., B, T, D)."""
     *lead, t, d = h.shape
-    qkv = linear(h, p["qkv_w"], p.get("qkv_b"))  # (..., B, T, 3D)
-    qkv = qkv.reshape(-1, t, 3, heads, d // heads).permute(2, 0, 3, 1, 4)  # (3, *B, H, T, dh)
+    inner = p["qkv_w"].shape[-2] // 3  # attention width A = heads * head_dim (usually D)
+    qkv = linear(h, p["qkv_w"], p.get("qkv_b"))  # (..., B, T, 3A)
+    qkv = qkv.reshape(-1, t, 3, heads, inner // heads).permute(2, 0, 3, 1, 4)  # (3, *B, H, T, dh)
     out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (*B, H, T, dh)
-    out = out.transpose(1, 2).reshape(*lead, t, d)  # (..., B, T, D)
+    out = out.transpose(1, 2).reshape(*lead, t, inner)  # (..., B, T, A)
+    return linear(out, p["proj_w"], p["proj_b"])
+
+
+def attention_cls(p: dict[str, torch.Tensor], h: torch.Tensor, heads: int) -> torch.Tensor:
+    """Self-attention output of the first (CLS) row only; h (..., B, T, D) -> (..., B, 1, D).
+    Keys and values still come from every row; the query, projection and everything after it
+    run on one row, which is all a CLS-pooled model reads from its last block."""
+    *lead, t, d = h.shape
+    inner = p["qkv_w"].shape[-2] // 3  # attention width A
+    w, b = p["qkv_w"], p.get("qkv_b")
+    q = linear(h[..., :1, :], w[..., :inner, :], None if b is None else b[..., :inner])  # (.., B, 1, A)
+    kv = linear(h, w[..., inner:, :], None if b is None else b[..., inner:])  # (..., B, T, 2A)
+    q = q.reshape(-1, 1, heads, inner // heads).transpose(1, 2)  # (*B, H, 1, dh)
+    kv = kv.reshape(-1, t, 2, heads, inner // heads).permute(2, 0, 3, 1, 4)  # (2, *B, H, T, dh)
+    out = F.scaled_dot_product_attention(q, kv[0], kv[1])  # (*B, H, 1, dh)
+    out = out.transpose(1, 2).reshape(*lead, 1, inner)  # (..., B, 1, A)
     return linear(out, p["proj_w"], p["proj_b"])
 
 
@@ -57,12 +74,18 @@ def mlp(p: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
 
 def block_forward(
     p: dict[str, torch.Tensor], h: torch.Tensor, *, heads: int, style: str, dropout: float = 0.0,
-    training: bool = False,
+    training: bool = False, cls_only: bool = False,
 ) -> torch.Tensor:
     """One transformer block (or K stacked ones). `prenorm`: h + F(LN(h));
-    `reference` (the authors' code): LN(h) + F(LN(h))."""
+    `reference` (the authors' code): LN(h) + F(LN(h)).
+    cls_only: compute only the first output row, (..., B, T, D) -> (..., B, 1, D); it equals row 0
+    of the full block (used for the last block of a CLS-pooled model: a pure saving)."""
     n = layer_norm(h, p["ln1_w"], p["ln1_b"])
-    a = F.dropout(attention(p, n, heads), dropout, training)
+    if cls_only:
+        a = F.dropout(attention_cls(p, n, heads), dropout, training)
+        h, n = h[..., :1, :], n[..., :1, :]
+    else:
+        a = F.dropout(attention(p, n, heads), dropout, training)
     h = (n if style == "reference" else h) + a
     n = layer_norm(h, p["ln2_w"], p["ln2_b"])
     m = F.dropout(mlp(p, n), dropout, training)
@@ -73,15 +96,16 @@ class Block(nn.Module):
     """One transformer block: attention + MLP, each behind a LayerNorm, with a residual."""
 
     def __init__(self, dim: int, heads: int, mlp_dim: int, *, style: str = "prenorm",
-                 qkv_bias: bool = True, dropout: float = 0.0,
+                 qkv_bias: bool = True, dropout: float = 0.0, attn_dim: int | None = None,
                  generator: torch.Generator | None = None):
         super().__init__()
         self.heads, self.style, self.dropout = heads, style, dropout
+        inner = dim if attn_dim is None else attn_dim  # heads * head_dim
         self.ln1_w = nn.Parameter(torch.ones(dim))
         self.ln1_b = nn.Parameter(torch.zeros(dim))
-        self.qkv_w = nn.Parameter(torch.empty(3 * dim, dim))
-        self.qkv_b = nn.Parameter(torch.zeros(3 * dim)) if qkv_bias else None
-        self.proj_w = nn.Parameter(torch.empty(dim, dim))
+        self.qkv_w = nn.Parameter(torch.empty(3 * inner, dim))
+        self.qkv_b = nn.Parameter(torch.zeros(3 * inner)) if qkv_bias else None
+        self.proj_w = nn.Parameter(torch.empty(dim, inner))
         self.proj_b = nn.Parameter(torch.zeros(dim))
         self.ln2_w = nn.Parameter(torch.ones(dim))
         self.ln2_b = nn.Parameter(torch.zeros(dim))
@@ -95,12 +119,13 @@ class Block(nn.Module):
     def weights(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in PARAM_NAMES if getattr(self, name) is not None}
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
+    def forward(self, h: torch.Tensor, *, cls_only: bool = False) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D), or (B, 1, D) with cls_only (the CLS row alone)."""
         return block_forward(self.weights(), h, heads=self.heads, style=self.style,
-                             dropout=self.dropout, training=self.training)
+                             dropout=self.dropout, training=self.training, cls_only=cls_only)
 
 
 def make_block(cfg, generator: torch.Generator | None = None) -> Block:
     """A block shaped by a ModelConfig."""
     return Block(cfg.dim, cfg.heads, cfg.mlp_dim, style=cfg.style, qkv_bias=cfg.qkv_bias,
-                 dropout=cfg.dropout, generator=generator)
+                 dropout=cfg.dropout, attn_dim=cfg.attn_dim, generator=generator)

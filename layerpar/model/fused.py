@@ -4,6 +4,11 @@ The branches keep their own parameters (so each can be frozen, saved, dropped or
 the stack gathers their weights into tensors with a leading branch axis and runs every layer as one
 batched matmul. Under autograd the stacking is part of the graph, so gradients land on each branch's
 own parameters; without autograd the stacked weights are cached until a parameter changes.
+
+On a CPU, once a branch's activations are large (B*T*D >= LOOP_MIN_ELEMENTS) one branch at a time
+is faster than the batched matmuls (each branch's working set stays in cache; measured at width
+192 and 197 tokens: 30 vs 35 ms for 8 branches at batch 1, 139 vs 218 ms at batch 8), so the stack
+runs its branches in a loop there: the same math, the same outputs.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ from torch import nn
 
 from layerpar.model.blocks import block_forward
 
+# On CPU, branches with at least this many activation elements (B*T*D) run one by one (see above).
+LOOP_MIN_ELEMENTS = 32768
+
 
 class Branch(nn.Module):
     """`depth` blocks applied in sequence: (B, T, D) -> (B, T, D)."""
@@ -23,9 +31,11 @@ class Branch(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            h = block(h)
+    def forward(self, h: torch.Tensor, *, cls_only: bool = False) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D); with cls_only the last block computes the CLS row only: (B, 1, D)."""
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            h = block(h, cls_only=cls_only and i == last)
         return h
 
 
@@ -40,9 +50,12 @@ class FusedBranchStack:
         self.heads, self.style, self.dropout = first.heads, first.style, first.dropout
         self._cache_key: tuple | None = None
         self._cache: list[dict[str, torch.Tensor]] | None = None
+        self._blocks = [block for br in self.branches for block in br.blocks]
 
     def _params(self) -> list[torch.Tensor]:
-        return [p for br in self.branches for p in br.parameters()]
+        # each block's own parameter dict: ~8x cheaper than Module.parameters() (no recursion);
+        # this runs on every no-grad call, and at 32 branches parameters() cost ~1-3 ms per call
+        return [p for block in self._blocks for p in block._parameters.values() if p is not None]
 
     def stacked_weights(self) -> list[dict[str, torch.Tensor]]:
         """Per layer, each weight stacked over branches: {"qkv_w": (K, 3D, D), ...}."""
@@ -63,11 +76,15 @@ class FusedBranchStack:
                            for name in per_branch[0]})
         return layers
 
-    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
-        """x0 (B, T, D), read by every branch -> (K, B, T, D), one output per branch."""
+    def __call__(self, x0: torch.Tensor, *, cls_only: bool = False) -> torch.Tensor:
+        """x0 (B, T, D), read by every branch -> (K, B, T, D), one output per branch;
+        (K, B, 1, D) with cls_only (the last block computes the CLS row alone)."""
+        if x0.device.type == "cpu" and x0.numel() >= LOOP_MIN_ELEMENTS:
+            return torch.stack([br(x0, cls_only=cls_only) for br in self.branches])
         training = self.branches[0].training
         h = x0.unsqueeze(0).expand(len(self.branches), *x0.shape)  # (K, B, T, D)
-        for weights in self.stacked_weights():
-            h = block_forward(weights, h, heads=self.heads, style=self.style,
-                              dropout=self.dropout, training=training)
+        layers = self.stacked_weights()
+        for i, weights in enumerate(layers):
+            h = block_forward(weights, h, heads=self.heads, style=self.style, dropout=self.dropout,
+                              training=training, cls_only=cls_only and i == len(layers) - 1)
         return h

@@ -22,6 +22,8 @@ class ViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, classes)
         h = self.embed(x)  # (B, T, D)
-        for block in self.blocks:  # each block waits for the one before it
-            h = block(h)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):  # each block waits for the one before it
+            # CLS pooling reads one row: the last block computes only that row (same output).
+            h = block(h, cls_only=self.cfg.pool == "cls" and i == last)
         return self.head(pool(h, self.cfg.pool))

@@ -42,7 +42,10 @@ def init_from_env(*, timeout_s: float, device: torch.device | None = None) -> tu
                            "(run under torchrun, or let the layerpar engine set them)")
     device = device or torch.device("cpu")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    kwargs = {}
+    if device.type == "cuda":  # NCCL binds the group to one indexed device
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        kwargs["device_id"] = torch.device("cuda", index)
     dist.init_process_group(backend_for(device), init_method="env://", rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s), **kwargs)
     return rank, world

@@ -1,0 +1,311 @@
+"""The scaling sweep: workers W x branches N x batch, every system measured side by side in one run.
+
+    python launch/scale.py                                  # default preset (< 5 min on 2 cores)
+    python launch/scale.py --preset tiny                    # seconds; what the test runs
+    python launch/scale.py --preset gpu-one                 # one GPU, N = 1..32 fused (no Ray)
+    python launch/scale.py --set bench.workers=[1,2] --set bench.batches=[1]
+    python launch/scale.py --address auto --set parallel.gpus_per_worker=1 \
+        --set bench.workers=[1,2,4,8] --set bench.branches=[8,16,32]   # a GPU cluster
+
+`--set bench.<field>=value` changes the sweep (fields of BenchSettings); any other `--set` is a
+config override (`model.dim=256`). The last stdout line is one JSON object: run_dir and headlines.
+On a cluster (`--address`) the layerpar workers run on the cluster's devices while reference-threads,
+vit-1dev and vit-pipeline run on the driver's CPU; several Ray nodes on one machine are reported as
+a simulated cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from layerpar.bench import report
+from layerpar.bench.harness import measure, measure_interleaved, summarize
+from layerpar.bench.presets import (
+    GPU_SYSTEMS,
+    PRESETS,
+    BenchSettings,
+    build_settings,
+)
+from layerpar.bench.systems import (
+    REFERENCE_MODEL,
+    CudaGraphSystem,
+    LayerparSystem,
+    ModelSystem,
+    PipelineSystem,
+    ReferenceThreads,
+    micro_batches_for,
+    param_count,
+)
+from layerpar.config import Config, ConfigError
+from layerpar.model import ParaFormer, ViT
+from layerpar.model.layers import seeded
+
+
+def _row(system: str, n: int, w: int, batch: int, cfg: Config, params: int, timing, *,
+         devices: int, logits: torch.Tensor, truth: torch.Tensor, bytes_moved=None) -> dict:
+    rows_checked = truth.shape[0]
+    diff = (logits[:rows_checked].float().cpu() - truth).abs().max().item()
+    return {"system": system, "N": n, "W": w, "batch": batch,
+            "blocks": n * cfg.model.branch_depth, "params": params,
+            "oversubscribed": w > devices, **timing.to_dict(),
+            "throughput_sps": batch / (timing.p50_ms / 1e3),
+            "bytes": dict(bytes_moved or {}), "max_abs_diff": diff}
+
+
+class Sweep:
+    """Runs every point of a preset; rows collect in self.rows."""
+
+    def __init__(self, cfg: Config, settings: BenchSettings):
+        self.cfg, self.s = cfg, settings
+        self.gpu = any(name in GPU_SYSTEMS for name in settings.systems)
+        self.devices = settings.devices or (1 if self.gpu else os.cpu_count() or 1)
+        self.rows: list[dict] = []
+        self.skipped: list[dict] = []
+        self.inputs = {b: torch.randn(b, cfg.model.in_channels, cfg.model.image_size,
+                                      cfg.model.image_size, generator=seeded(1234, b))
+                       for b in settings.batches}
+        self._truth: dict[tuple[str, int, int], torch.Tensor] = {}
+
+    def model_cfg(self, n: int):
+        return dataclasses.replace(self.cfg.model, num_branches=n)
+
+    def cfg_for(self, n: int) -> Config:
+        return self.cfg.replace(model={"num_branches": n})
+
+    def truth(self, kind: str, n: int, batch: int) -> torch.Tensor:
+        """Logits of the single-process CPU model (`paraformer` or `vit`) on the first rows."""
+        key = (kind, n, batch)
+        if key not in self._truth:
+            cls = ParaFormer if kind == "paraformer" else ViT
+            model = cls(self.model_cfg(n), seed=self.cfg.train.seed).eval()
+            with torch.no_grad():  # float32 on the CPU, whatever the system under test uses
+                self._truth[key] = model(self.inputs[batch][: self.s.check_rows].float().cpu())
+        return self._truth[key]
+
+    def record(self, system, n: int, w: int, params: int, *, eager: bool = True,
+               graphs: bool = False) -> None:
+        """Measure `system` at every batch size (graphs: also, or only, its CUDA-graph replay)."""
+        for batch in self.s.batches:
+            # on a GPU the batch is resident before timing: the latency is the model's, not the copy's
+            x = self.inputs[batch].to("cuda") if system.cuda else self.inputs[batch]
+            variants = ([system] if eager else []) + ([CudaGraphSystem(system, x)] if graphs else [])
+            for v in variants:
+                timing, logits = measure(lambda v=v, x=x: v.run(x), warmup=self.s.warmup,
+                                         reps=self.s.reps, min_reps=self.s.min_reps,
+                                         max_seconds=self.s.max_seconds, cuda=v.cuda,
+                                         phases=v.phases)
+                self._add(v.name, n, w, batch, params, timing, logits, v.bytes_moved())
+            del variants
+
+    def record_interleaved(self, group: list[tuple[object, int]], n: int, params: int) -> None:
+        """Measure the systems of one point in round-robin, batch size by batch size."""
+        for batch in self.s.batches:
+            x = self.inputs[batch]
+            fns = {s.name: (lambda s=s, x=x: s.run(x)) for s, _ in group}
+            results = measure_interleaved(fns, warmup=self.s.warmup, reps=self.s.reps,
+                                          min_reps=self.s.min_reps, max_seconds=self.s.max_seconds,
+                                          phases={s.name: s.phases for s, _ in group})
+            for s, w in group:
+                timing, logits = results[s.name]
+                self._add(s.name, n, w, batch, params, timing, logits, s.bytes_moved())
+
+    def _add(self, name, n, w, batch, params, timing, logits, bytes_moved=None) -> None:
+        truth = self.truth(REFERENCE_MODEL[name], n, batch)
+        row = _row(name, n, w, batch, self.cfg, params, timing, devices=self.devices, logits=logits,
+                   truth=truth, bytes_moved=bytes_moved)
+        self.rows.append(row)
+        flag = " OVERSUBSCRIBED" if row["oversubscribed"] else ""
+        print(f"{name:22s} N={n:<3d} W={w:<2d} B={batch:<3d} p50 {row['p50_ms']:9.3f} ms  "
+              f"p95 {row['p95_ms']:9.3f}  reps {row['reps']:<3d} diff {row['max_abs_diff']:.1e}{flag}",
+              file=sys.stderr, flush=True)
+
+    def run_gpu(self) -> None:
+        device = torch.device("cuda")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.s.tf32
+        dtype = getattr(torch, self.s.dtype)
+        self.inputs = {b: x.to(dtype) for b, x in self.inputs.items()}
+        self.warm_gpu(device, dtype)
+        for n in self.s.branches:
+            mcfg, seed = self.model_cfg(n), self.cfg.train.seed
+            for name, cls in (("paraformer-1gpu", ParaFormer), ("vit-1gpu", ViT)):
+                eager, graphs = name in self.s.systems, name + "-graph" in self.s.systems
+                if eager or graphs:
+                    system = ModelSystem(name, cls(mcfg, seed=seed).to(dtype), device)
+                    self.record(system, n, 1, param_count(system.model), eager=eager, graphs=graphs)
+            torch.cuda.empty_cache()
+
+    def warm_gpu(self, device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> None:
+        """Run throw-away forwards first, so the first measured point does not pay for the GPU's
+        clocks ramping up and the libraries' lazy initialisation."""
+        models = [cls(self.model_cfg(1), seed=0).to(device, dtype).eval() for cls in (ParaFormer, ViT)]
+        x = self.inputs[max(self.s.batches)].to(device)
+        end = time.perf_counter() + seconds
+        with torch.no_grad():
+            while time.perf_counter() < end:
+                for m in models:
+                    m(x)
+                torch.cuda.synchronize()
+
+    def run_cpu(self) -> None:
+        from layerpar.bench.pipeline import PipelinePool
+
+        seed, systems = self.cfg.train.seed, self.s.systems
+        for w in self.s.workers:
+            branch_counts = [n for n in self.s.branches if n >= w]
+            if w > self.devices and self.s.oversubscribed != "all":
+                # time-shared workers say little; every one of them costs an actor start-up
+                branch_counts = branch_counts[-1:] if self.s.oversubscribed == "largest" else []
+            pool = None
+            if "vit-pipeline" in systems and w > 1 and branch_counts:
+                pool = PipelinePool(w)
+            try:
+                for n in branch_counts:
+                    self._cpu_point(n, w, pool, seed)
+            finally:
+                if pool is not None:
+                    pool.close()
+
+    def skip(self, system: str, n: int, w: int, exc: BaseException) -> None:
+        """A point that could not be measured is reported, not fatal."""
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        self.skipped.append({"system": system, "N": n, "W": w, "reason": reason})
+        print(f"{system:22s} N={n:<3d} W={w:<2d} SKIPPED: {reason}", file=sys.stderr, flush=True)
+
+    def _cpu_point(self, n: int, w: int, pool, seed: int) -> None:
+        systems = self.s.systems
+        local = ParaFormer(self.model_cfg(n), seed=seed).eval()
+        params = param_count(local)
+        transports = [t for t in ("collective", "object_store") if f"layerpar-{t}" in systems]
+        # both engines start together (actor start-up is most of a point's set-up time); idle
+        # engines use no CPU while another system is timed
+        with ThreadPoolExecutor(max_workers=max(1, len(transports))) as ex:
+            futures = [ex.submit(LayerparSystem, self.cfg_for(n), workers=w, transport=t)
+                       for t in transports]
+        group: list[tuple[object, int]] = []  # (system, its W label)
+        for t, f in zip(transports, futures, strict=True):
+            try:
+                group.append((f.result(), w))
+            except Exception as exc:  # noqa: BLE001 - e.g. the cluster cannot place W workers
+                self.skip(f"layerpar-{t}", n, w, exc)
+        try:
+            if "reference-threads" in systems:
+                group.append((ReferenceThreads(local, workers=w), w))
+            if "vit-1dev" in systems and w == min(self.s.workers):
+                group.append((ModelSystem("vit-1dev", ViT(self.model_cfg(n), seed=seed),
+                                          torch.device("cpu")), 1))
+            self.record_interleaved(group, n, params)
+        finally:
+            for system, _ in group:
+                system.close()
+        if pool is not None and n * self.cfg.model.branch_depth >= w:
+            for batch in self.s.batches:
+                system = PipelineSystem(pool, self.model_cfg(n), seed=seed,
+                                        micro_batches=micro_batches_for(batch, w))
+                try:
+                    logits, samples = system.run_timed(
+                        self.inputs[batch], warmup=self.s.warmup, reps=self.s.reps,
+                        min_reps=self.s.min_reps, max_seconds=self.s.max_seconds)
+                except RuntimeError as exc:
+                    self.skip("vit-pipeline", n, w, exc)
+                    continue
+                timing = summarize(samples, warmup=self.s.warmup)
+                self._add("vit-pipeline", n, w, batch, params, timing, logits)
+                self.rows[-1]["micro_batches"] = system.micro_batches
+
+
+def start_ray(address: str | None, settings: BenchSettings) -> bool:
+    """Connect to a cluster, or start a local Ray instance with room for every worker (logical
+    CPUs: more workers than cores is allowed and labelled oversubscribed). True if started here."""
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        # Ray starts workers at niceness 15; the in-process baselines run at 0. Equal priority keeps
+        # the comparison fair when anything else runs on the machine (read by the raylet at start).
+        os.environ.setdefault("RAY_worker_niceness", "0")
+        need = 2 * max(settings.workers) + 2
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
+                 logging_level=logging.WARNING)
+    return True
+
+
+def cluster_info(gpus_per_worker: float) -> dict:
+    """Nodes and devices of the connected Ray cluster; several nodes behind one IP address are a
+    cluster simulated on one machine (`ray start` with distinct resources), labelled as such."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    ips = {n.get("NodeManagerAddress") for n in nodes}
+    res = ray.cluster_resources()
+    devices = int(res.get("GPU", 0)) if gpus_per_worker > 0 else int(res.get("CPU", 0))
+    return {"nodes": len(nodes), "node_ips": len(ips), "devices": devices,
+            "simulated_on_one_machine": len(nodes) > 1 and len(ips) == 1,
+            "resources": {k: v for k, v in res.items() if k in ("CPU", "GPU", "memory")}}
+
+
+def run(preset: str, sets: list[str], *, out_dir: str, address: str | None, command: str) -> dict:
+    cfg, settings = build_settings(preset, sets)
+    sweep = Sweep(cfg, settings)
+    started, cluster = time.time(), None
+    if sweep.gpu:
+        if not torch.cuda.is_available():
+            return {"skipped": "no CUDA device: the gpu-one preset needs one", "preset": preset}
+        sweep.run_gpu()
+    else:
+        torch.set_num_threads(1)  # one thread = one device, for every in-process system
+        ray_started = False
+        if any(s.startswith("layerpar-") for s in settings.systems):
+            ray_started = start_ray(address, settings)
+            if address:
+                cluster = cluster_info(cfg.parallel.gpus_per_worker)
+                if not settings.devices:  # workers are spread over the cluster's devices
+                    sweep.devices = max(1, cluster["devices"])
+        try:
+            sweep.run_cpu()
+        finally:
+            if ray_started:
+                import ray
+
+                ray.shutdown()
+    duration = time.time() - started
+    return report.write(sweep.rows, cfg=cfg, settings=dataclasses.asdict(settings), preset=preset,
+                        devices=sweep.devices, gpu=sweep.gpu, out_dir=out_dir, command=command,
+                        duration_s=duration, address=address,
+                        cluster=cluster, skipped=sweep.skipped)
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--preset", default="default", help=f"one of {', '.join(PRESETS)}")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="bench.<field>=value or a config override such as model.dim=256")
+    ap.add_argument("--out-dir", default="runs", help="directory under which the run dir is made")
+    ap.add_argument("--address", default=None, help="Ray cluster address (auto, ray://host:10001)")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only (NOTES.md)
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    command = shlex.join(["python", "launch/scale.py", *argv])
+    try:
+        summary = run(args.preset, args.sets, out_dir=args.out_dir, address=args.address,
+                      command=command)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        print(json.dumps({"error": str(exc)}))
+        return 2
+    print(json.dumps(summary))
+    return 0
