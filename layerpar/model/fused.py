@@ -79,7 +79,8 @@ class FusedBranchStack:
     def __call__(self, x0: torch.Tensor, *, cls_only: bool = False) -> torch.Tensor:
         """x0 (B, T, D), read by every branch -> (K, B, T, D), one output per branch;
         (K, B, 1, D) with cls_only (the last block computes the CLS row alone)."""
-        if x0.device.type == "cpu" and x0.numel() >= LOOP_MIN_ELEMENTS:
+        # one branch has nothing to batch: stacking its weights would only add copies
+        if len(self.branches) == 1 or (x0.device.type == "cpu" and x0.numel() >= LOOP_MIN_ELEMENTS):
             return torch.stack([br(x0, cls_only=cls_only) for br in self.branches])
         training = self.branches[0].training
         h = x0.unsqueeze(0).expand(len(self.branches), *x0.shape)  # (K, B, T, D)

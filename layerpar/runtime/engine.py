@@ -64,6 +64,9 @@ def connect(cfg: Config) -> bool:
             ) from None
         return True
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only, see NOTES.md
+    # Ray starts workers at niceness 15: the branch workers do the model's work, so they get the
+    # same priority as the driver (read by the raylet when it starts).
+    os.environ.setdefault("RAY_worker_niceness", "0")
     need = math.ceil(cfg.parallel.workers * cfg.parallel.cpus_per_worker)
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
              logging_level=logging.WARNING)

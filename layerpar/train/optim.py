@@ -11,14 +11,29 @@ import math
 import torch
 from torch import nn
 
+
 def decays(name: str, p: torch.Tensor) -> bool:
     """Weight decay on matrices only: not on biases, norm weights, the CLS token or the positions."""
     return p.dim() >= 2 and not name.endswith((".cls", ".pos"))
 
 
+def frozen(name: str, tcfg) -> bool:
+    """Whether train.frozen_branches keeps this parameter fixed: the embedding, the head and
+    branches below it (expansion trains only the appended branches)."""
+    n = tcfg.frozen_branches
+    if not n:
+        return False
+    first, _, rest = name.partition(".")
+    return first in ("embed", "head") or (first == "branches" and int(rest.partition(".")[0]) < n)
+
+
 def make_optimizer(model: nn.Module, tcfg) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; parameters frozen by train.frozen_branches are switched
+    to requires_grad=False here (every trainer builds its optimizer), so they get no gradient."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
+        if frozen(name, tcfg):
+            p.requires_grad_(False)
         if p.requires_grad:
             (decay if decays(name, p) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": tcfg.weight_decay},
@@ -43,7 +58,7 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 def steps_per_batch(cfg) -> int:
     """Optimizer steps per batch: one (joint), or one per prefix plus a joint one (progressive)."""
     if cfg.train.mode == "progressive" and cfg.model.kind == "paraformer":
-        return cfg.model.num_branches + 1
+        return cfg.model.num_branches - cfg.train.frozen_branches + 1
     return 1
 
 

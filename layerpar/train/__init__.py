@@ -1,0 +1,23 @@
+"""Training: the shared step, the optimizer, checkpoints, evaluation, the single-process backend and
+the loop that drives any backend.
+
+    from layerpar.train import run_training
+    result = run_training(load_config("digits", ["parallel.workers=0"]))
+"""
+
+from layerpar.train.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    model_state,
+    save_checkpoint,
+)
+from layerpar.train.evaluate import evaluate
+from layerpar.train.local import LocalBackend, make_backend
+from layerpar.train.loop import run_training
+
+__all__ = [
+    "Checkpoint", "CheckpointError", "LocalBackend", "evaluate", "latest_checkpoint", "load_checkpoint",
+    "make_backend", "model_state", "run_training", "save_checkpoint",
+]

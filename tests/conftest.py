@@ -1,0 +1,19 @@
+"""Shared test fixtures, kept minimal. Tier-specific fixtures (local Ray, gloo groups) live beside
+their tests."""
+
+import os
+
+import pytest
+
+# Ray listens on loopback only and its CLI clients send the auth token (NOTES.md): set before any
+# test imports ray, in this process and every process it starts.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+@pytest.fixture
+def tiny_cfg():
+    """The packaged `tiny` config: a 4-branch width-16 Para-Former on synthetic data, 1 thread."""
+    from layerpar.config import load_config
+
+    return load_config("tiny")
