@@ -8,64 +8,42 @@
     layerpar import-reference STATE_DICT.pt --out RUN_DIR
     layerpar <command> --help
 
-Each command runs the same code as its launch/ script. A command is a function `cli_main(argv) -> int`
-inside the package (so an installed package works without the repository); while a command only
-exists as a launch/<name>.py script of this checkout, its `main(argv)` is run instead.
+Each command runs the same code as its launch/ script: a function `cli_main(argv) -> int` inside the
+package, so an installed package works without the repository.
 A layerpar error (bad config, missing data, bad checkpoint, ...) prints one line and exits with 2.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
-# command -> (package function "module:function", launch script name, one-line summary)
-COMMANDS: dict[str, tuple[str, str | None, str]] = {
-    "train": ("layerpar.train.loop:cli_main", "train.py", "train a Para-Former (or the ViT baseline)"),
-    "serve": ("layerpar.serve.server:cli_main", "serve.py", "serve a checkpoint over gRPC"),
-    "scale": ("layerpar.bench.scale:cli_main", "scale.py", "run a scaling study"),
-    "predict": ("layerpar.serve.predict:cli_main", "predict.py", "classify images with a served model"),
-    "compress": ("layerpar.lifecycle.compress:cli_main", None, "keep the first K branches of a run"),
-    "expand": ("layerpar.lifecycle.expand:cli_main", None, "append and train M new branches"),
-    "import-reference": ("layerpar.lifecycle.reference:cli_main", None,
+# command -> (the function that runs it, "module:function"; one-line summary)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("layerpar.train.loop:cli_main", "train a Para-Former (or the ViT baseline)"),
+    "serve": ("layerpar.serve.server:cli_main", "serve a checkpoint over gRPC"),
+    "scale": ("layerpar.bench.scale:cli_main", "run a scaling study"),
+    "predict": ("layerpar.serve.predict:cli_main", "classify images with a served model"),
+    "compress": ("layerpar.lifecycle.compress:cli_main", "keep the first K branches of a run"),
+    "expand": ("layerpar.lifecycle.expand:cli_main", "append and train M new branches"),
+    "import-reference": ("layerpar.lifecycle.reference:cli_main",
                          "convert the authors' Para-Former state dict into a run"),
 }
-LAUNCH_DIR = Path(__file__).resolve().parent.parent / "launch"  # present in a source checkout
 
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: layerpar <command> [options]   (layerpar <command> --help for its options)", "",
              "commands:"]
-    lines += [f"  {name:<{width}}  {summary}" for name, (_, _, summary) in COMMANDS.items()]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
     return "\n".join(lines)
 
 
 def resolve(command: str) -> Callable[[list[str]], int | None]:
-    """The function that runs `command`: the package's cli_main, else the launch script's main."""
-    target, script, _ = COMMANDS[command]
-    module_name, func_name = target.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name is None or not module_name.startswith(exc.name):
-            raise  # a dependency is missing, not the command's module: show the real error
-        module = None
-    func = getattr(module, func_name, None) if module is not None else None
-    if func is not None:
-        return func
-    path = LAUNCH_DIR / script if script else None
-    if path is not None and path.is_file():
-        spec = importlib.util.spec_from_file_location(f"layerpar_launch_{path.stem}", path)
-        launch = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(launch)
-        if callable(getattr(launch, "main", None)):
-            return launch.main
-    where = f"{target}" + (f" or launch/{script}" if script else "")
-    raise LookupError(f"command {command!r} is not available in this installation (looked for {where})")
+    """The package function that runs `command` (imported only when that command is used)."""
+    module_name, func_name = COMMANDS[command][0].split(":")
+    return getattr(importlib.import_module(module_name), func_name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,11 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"layerpar: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    try:
-        func = resolve(command)
-    except LookupError as exc:
-        print(f"layerpar {command}: error: {exc}", file=sys.stderr)
-        return 2
+    func = resolve(command)
     try:
         code = func(rest)
     except SystemExit as exc:  # argparse --help / usage errors inside the command

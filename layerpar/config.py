@@ -421,6 +421,10 @@ def load_config(source: str | Path | None = None, overrides: list[str] | None = 
             raise ConfigError(f"{where} is not valid YAML: {_yaml_problem(exc)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{where} must hold a mapping of sections, got {type(raw).__name__}")
+    return from_dict(_apply_overrides(raw, overrides))
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
     for item in overrides or []:
         keys, value = parse_override(item)
         node = raw
@@ -430,7 +434,12 @@ def load_config(source: str | Path | None = None, overrides: list[str] | None = 
                 raise ConfigError(f"override {item!r}: {k} is not a section")
             node = child
         node[keys[-1]] = value
-    return from_dict(raw)
+    return raw
+
+
+def with_overrides(cfg: Config, overrides: list[str] | None) -> Config:
+    """cfg with `section.key=value` overrides applied and validated, as for a YAML file."""
+    return from_dict(_apply_overrides(cfg.to_dict(), overrides))
 
 
 def save_config(cfg: Config, run_dir: str | Path) -> Path:

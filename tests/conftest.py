@@ -17,3 +17,15 @@ def tiny_cfg():
     from layerpar.config import load_config
 
     return load_config("tiny")
+
+
+@pytest.fixture
+def one_thread():
+    """Workers run one torch thread; a reference model compared with them bit for bit must add its
+    floats the same way."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from layerpar.config import Config, from_dict, parse_override, save_config
+from layerpar.config import Config, parse_override, save_config, with_overrides
 from layerpar.train.checkpoint import latest_checkpoint, save_checkpoint, split_pieces
 
 
@@ -45,18 +45,12 @@ def num_params(state: dict[str, torch.Tensor]) -> int:
 def apply_overrides(cfg: Config, overrides: list[str] | None, *, allow_model: bool = False) -> Config:
     """`section.key=value` overrides on top of a checkpoint's config (data, train, parallel, serve).
     The model's shape comes from the weights, so model.* is refused unless allowed."""
-    raw = cfg.to_dict()
     for item in overrides or []:
-        keys, value = parse_override(item)
-        if keys[0] == "model" and not allow_model:
+        if parse_override(item)[0][0] == "model" and not allow_model:
             raise LifecycleError(
                 f"override {item!r}: the model's shape comes from the checkpoint and cannot be set here"
             )
-        node = raw
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-    return from_dict(raw)
+    return with_overrides(cfg, overrides)
 
 
 def evaluate_checkpoint(path: str | Path, cfg: Config, *, split: str = "test",

@@ -16,6 +16,7 @@ Making it an all-reduce as well -- the classic trap -- would multiply every bran
 from __future__ import annotations
 
 from collections.abc import Iterable
+
 import torch
 import torch.distributed as dist
 
@@ -60,7 +61,7 @@ class _ReduceBranchSums(torch.autograd.Function):
         parts = [torch.empty_like(padded) for _ in counts]
         dist.all_gather(parts, padded, group=group)  # blocks until every rank joins
         ctx.num_own = outputs.shape[0]
-        rows = torch.cat([p[:c] for p, c in zip(parts, counts)])  # (N, B, D) in branch order
+        rows = torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])  # (N, B, D) in branch order
         return ordered_sum(rows)
 
     @staticmethod

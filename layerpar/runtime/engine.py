@@ -293,6 +293,12 @@ class Engine(FaultHandling):
 
         return self._idempotent(call)
 
+    def evaluate(self, split, batch_size: int = 256) -> dict:
+        """Accuracy and loss of the full model and the accuracy of every prefix k = 1..N."""
+        from layerpar.train.evaluate import evaluate
+
+        return evaluate(self, split, batch_size)
+
     # ------------------------------------------------------------------ training
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict:

@@ -21,21 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from layerpar.config import ConfigError, from_dict, load_config, parse_override
-
-
-def apply_overrides(cfg, overrides: list[str]):
-    """cfg with `section.key=value` overrides applied and validated (as load_config does for YAML)."""
-    raw = cfg.to_dict()
-    for item in overrides:
-        keys, value = parse_override(item)
-        node = raw
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {k} is not a section")
-        node[keys[-1]] = value
-    return from_dict(raw)
+from layerpar.config import ConfigError, from_dict, load_config, with_overrides
 
 
 def resolve(args) -> tuple[object, Path | None, dict]:
@@ -57,7 +43,7 @@ def resolve(args) -> tuple[object, Path | None, dict]:
     token = args.token or os.environ.get("LAYERPAR_SERVE_TOKEN")
     if token:
         serve["token"] = token
-    cfg = apply_overrides(cfg, args.set)
+    cfg = with_overrides(cfg, args.set)
     return (cfg.replace(serve=serve) if serve else cfg), ckpt_dir, manifest
 
 

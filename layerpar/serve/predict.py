@@ -20,10 +20,9 @@ import time
 import grpc
 import numpy as np
 
-from layerpar.config import ConfigError, from_dict
+from layerpar.config import ConfigError, from_dict, with_overrides
 from layerpar.data import DataError, batches, load_dataset
 from layerpar.serve.client import Client
-from layerpar.serve.launcher import apply_overrides
 
 
 def run(client: Client, *, split: str = "test", batch_size: int = 64, limit: int = 0,
@@ -32,7 +31,7 @@ def run(client: Client, *, split: str = "test", batch_size: int = 64, limit: int
     info = client.model_info()
     raw = info["config"]
     raw["serve"] = {}  # the server's serving settings (redacted token) are no business of the data
-    cfg = apply_overrides(from_dict(raw), overrides or [])
+    cfg = with_overrides(from_dict(raw), overrides)
     data = getattr(load_dataset(cfg), split)
     rows = min(limit, len(data)) if limit else len(data)
     correct = degraded = requests = sent = 0

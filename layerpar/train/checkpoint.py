@@ -144,7 +144,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, or a run directory -> its latest checkpoint; CheckpointError if none."""
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not _restore_replaced(path):
         raise CheckpointError(f"checkpoint path {str(path)!r} does not exist")
     found = latest_checkpoint(path)
     if found is None:
@@ -271,6 +271,18 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     os.rename(final, old)
     os.rename(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _restore_replaced(final: Path) -> bool:
+    """Finish a replacement that a crash cut between _replace_dir's two renames: the previous
+    checkpoint sits complete in `.tmp-old-<name>-*`; move it back. True if one was restored."""
+    if not final.parent.is_dir():
+        return False
+    for old in sorted(final.parent.glob(f"{_TMP_PREFIX}old-{final.name}-*")):
+        if _is_checkpoint(old):
+            os.rename(old, final)
+            return True
+    return False
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:

@@ -23,6 +23,7 @@ from layerpar.train.checkpoint import (
     save_checkpoint,
     split_pieces,
 )
+from layerpar.train.evaluate import evaluate
 from layerpar.train.optim import load_optimizer_state, make_optimizer, optimizer_state
 from layerpar.train.step import train_step
 
@@ -87,6 +88,10 @@ class LocalBackend:
         """(B, C, H, W) -> (N, B, classes), the logits of every prefix k = 1..N ((1, B, C) for a ViT)."""
         self.model.eval()
         return prefix_logits_of(self.model, x)
+
+    def evaluate(self, split, batch_size: int = 256) -> dict:
+        """Accuracy and loss of the full model and the accuracy of every prefix k = 1..N."""
+        return evaluate(self, split, batch_size)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
         """Every optimizer step of one batch (1 joint, or N+1 progressive); see train.step."""

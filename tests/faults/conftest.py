@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 
 import pytest
-import torch
 
 from tests.faults.helpers import load_chaos
 
@@ -28,10 +27,9 @@ def chaos():
     return load_chaos()
 
 
+
+
 @pytest.fixture(autouse=True)
-def one_thread():
-    # Workers run one torch thread; the reference model must add its floats the same way.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
+    """Every fault test compares workers with a one-thread reference (see tests/conftest.py)."""
     yield
-    torch.set_num_threads(before)

@@ -106,10 +106,6 @@ def test_killed_save_leaves_the_previous_checkpoint(tmp_path, point):
     assert latest_checkpoint(run).name == "step_0000002"
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoint.py _replace_dir: between its two renames the "
-                   "checkpoint dir does not exist and the old copy sits in a .tmp-old-* dir that "
-                   "nothing reads (reported to the checkpoint owner; runs are unaffected: every "
-                   "step gets its own new dir)")
 def test_killed_overwrite_of_a_checkpoint_dir_keeps_a_loadable_one(tmp_path):
     target = tmp_path / "ckpt"  # an explicit checkpoint directory, saved over in place
     crash_during_save(target, "mid_replace")

@@ -11,7 +11,7 @@ from layerpar.runtime import Engine, PlacementError
 from layerpar.train.optim import make_optimizer
 from layerpar.train.step import train_step
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("one_thread")]
 N = 6
 
 
@@ -21,13 +21,6 @@ def make_cfg(workers: int, *extra: str):
                               *extra])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Workers run one torch thread; the reference model must add its floats the same way.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def batch(n=12, seed=0):
@@ -129,3 +122,19 @@ def test_unplaceable_request_fails_fast_with_a_message(local_ray):
     cfg = make_cfg(2, "parallel.cpus_per_worker=64", "parallel.placement_timeout_s=3")
     with pytest.raises(PlacementError, match=r"could not place 2 workers .*CPU.*64.* within 3s"):
         Engine(cfg)
+
+
+def test_checkpoint_from_two_workers_loads_with_three_and_in_one_process(local_ray, tmp_path):
+    from layerpar.train.local import LocalBackend
+
+    x, y = batch()
+    with Engine(make_cfg(2), total_steps=20) as engine:
+        for _ in range(2):
+            engine.train_step(x, y)
+        path = engine.save(tmp_path / "ckpt", epoch=1)
+        expected = engine.infer(x)
+    with Engine(make_cfg(3), checkpoint=path) as engine:
+        torch.testing.assert_close(engine.infer(x), expected, atol=1e-6, rtol=0)
+        assert engine.info()["step"] == 2
+    with LocalBackend(make_cfg(0), checkpoint=path) as local:
+        torch.testing.assert_close(local.infer(x), expected, atol=1e-6, rtol=0)
