@@ -3,7 +3,7 @@ threshold (serve.min_live_fraction), and retries of a failed engine call (serve.
 
 The backends here are the real single-process model with the hooks the Engine offers
 (infer_with_meta, health); "losing" workers 1 means answering from branches 0-1 only, which is exactly
-what the Engine does in degraded mode. Worker loss on real Ray workers: tests/serve/test_worker_loss.py.
+what the Engine does in degraded mode. Worker loss on real Ray workers: tests/serve/test_serve_worker_loss.py.
 
     .venv/bin/python -m pytest -q tests/serve/test_degraded.py
 """

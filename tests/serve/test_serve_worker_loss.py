@@ -3,7 +3,7 @@
 to the healthy model's. serve.degraded: allow: answers during recovery are marked degraded and equal the
 surviving branches' sum. The recovery time is measured and printed.
 
-    .venv/bin/python -m pytest -q -s tests/serve/test_worker_loss.py
+    .venv/bin/python -m pytest -q -s tests/serve/test_serve_worker_loss.py
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """launch/serve.py as a real process (checkpoint in, address out, SIGTERM drains, JSON last line),
 launch/predict.py against it, and TLS. Single-process backend: no Ray needed here.
 
-    .venv/bin/python -m pytest -q tests/serve/test_cli.py
+    .venv/bin/python -m pytest -q tests/serve/test_serve_cli.py
 """
 
 from __future__ import annotations
