@@ -39,7 +39,7 @@ from layerpar.model.paraformer import make_head, ordered_sum, prefix_sums
 from layerpar.parallel.layout import BranchLayout
 from layerpar.runtime.placement import bundle_strategy, place_workers, release
 from layerpar.runtime.recovery import MAX_TRIES, FaultHandling, WorkerError, kill
-from layerpar.runtime.worker import RemoteBranchWorker
+from layerpar.runtime.worker import RemoteBranchWorker, as_tensor
 
 __all__ = ["ClusterError", "Engine", "WorkerError", "connect"]
 
@@ -254,9 +254,9 @@ class Engine(FaultHandling):
         outs = self._get(refs)  # ... then wait once
         t2 = time.perf_counter()
         if self.collective:
-            logits, timings = outs[0]
+            logits, timings = as_tensor(outs[0][0]), outs[0][1]
         else:
-            rows = torch.cat([o[0] for o in outs])  # (k, B, D) in branch order
+            rows = torch.cat([as_tensor(o[0]) for o in outs])  # (k, B, D) in branch order
             th = time.perf_counter()
             logits = self.head_module()(ordered_sum(rows))
             timings = {"embed": max(o[1]["embed"] for o in outs),
@@ -289,7 +289,8 @@ class Engine(FaultHandling):
 
         def call(workers):
             outs = self._get([w.branch_outputs.remote(ref) for w in workers])
-            return self.head_module()(prefix_sums(torch.cat(outs)))  # (N, B, D) in branch order
+            rows = torch.cat([as_tensor(o) for o in outs])  # (N, B, D) in branch order
+            return self.head_module()(prefix_sums(rows))
 
         return self._idempotent(call)
 

@@ -32,6 +32,7 @@ import ray
 import torch
 
 from layerpar.model.paraformer import ordered_sum
+from layerpar.runtime.worker import as_tensor
 
 log = logging.getLogger("layerpar.runtime")
 PING_S = 3.0  # longest wait for a worker's side thread to answer a ping
@@ -323,7 +324,7 @@ class FaultHandling:
             head = self._head_from(handles) if len(outs) == len(refs) else None
             if head is None:
                 continue
-            rows = torch.cat([outs[r][0] for r in sorted(outs)])  # (K, B, D) in branch order
+            rows = torch.cat([as_tensor(outs[r][0]) for r in sorted(outs)])  # (K, B, D) in branch order
             logits = head(ordered_sum(rows))
             rec.degraded_answers += 1
             self.last_timings = {"compute": time.perf_counter() - t0, "total": time.perf_counter() - t0}
