@@ -260,12 +260,11 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         raise ConfigError(f"{prefix or 'config'} must be a mapping of keys to values, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(map(str, set(raw) - set(fields)))
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(
-            f"unknown key {where}{unknown[0]}; allowed keys: {', '.join(fields)}"
-        )
+        key = unknown[0] if unknown[0].isidentifier() else repr(unknown[0])  # keep it on one line
+        raise ConfigError(f"unknown key {where}{key}; allowed keys: {', '.join(fields)}")
     kwargs = {}
     for name, value in raw.items():
         full = f"{prefix}.{name}" if prefix else name
