@@ -224,23 +224,13 @@ class Sweep:
 
 def start_ray(address: str | None, settings: BenchSettings) -> bool:
     """Connect to a cluster, or start a local Ray instance with room for every worker (logical
-    CPUs: more workers than cores is allowed and labelled oversubscribed). True if started here."""
-    import logging
+    CPUs: more workers than cores is allowed and labelled oversubscribed). True if started here.
+    Workers get the driver's priority, so the in-process baselines are compared fairly."""
+    from layerpar.config import load_config
+    from layerpar.runtime.engine import connect
 
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        # Ray starts workers at niceness 15; the in-process baselines run at 0. Equal priority keeps
-        # the comparison fair when anything else runs on the machine (read by the raylet at start).
-        os.environ.setdefault("RAY_worker_niceness", "0")
-        need = 2 * max(settings.workers) + 2
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
-                 logging_level=logging.WARNING)
-    return True
+    cfg = load_config(None, [f"parallel.address={address}"] if address else [])
+    return connect(cfg, min_cpus=2 * max(settings.workers) + 2)
 
 
 def cluster_info(gpus_per_worker: float) -> dict:

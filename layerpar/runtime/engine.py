@@ -48,8 +48,9 @@ class ClusterError(RuntimeError):
     """The Ray cluster cannot be reached."""
 
 
-def connect(cfg: Config) -> bool:
-    """Connect to the configured Ray cluster, or start a local one; True when this call started it."""
+def connect(cfg: Config, *, min_cpus: int = 0) -> bool:
+    """Connect to the configured Ray cluster, or start a local one with room for every worker (at
+    least `min_cpus` logical CPUs); True when this call started it."""
     if ray.is_initialized():
         return False
     # --address, else RAY_ADDRESS (ray job submit, KubeRay), else "auto" on a `ray up` head node
@@ -67,7 +68,7 @@ def connect(cfg: Config) -> bool:
     # Ray starts workers at niceness 15: the branch workers do the model's work, so they get the
     # same priority as the driver (read by the raylet when it starts).
     os.environ.setdefault("RAY_worker_niceness", "0")
-    need = math.ceil(cfg.parallel.workers * cfg.parallel.cpus_per_worker)
+    need = max(min_cpus, math.ceil(cfg.parallel.workers * cfg.parallel.cpus_per_worker))
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
              logging_level=logging.WARNING)
     return True
