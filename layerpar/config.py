@@ -19,20 +19,18 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config value is unknown, mistyped or impossible; the message names the field."""
-
-
-# Allowed values of the enumerated fields, checked in validate().
-MODEL_KINDS = ("paraformer", "vit")
-BLOCK_STYLES = ("prenorm", "reference")
-POOLS = ("cls", "mean")
-DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "synthetic")
-TRAIN_MODES = ("joint", "progressive")
-TRANSPORTS = ("collective", "object_store")
-PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-DEGRADED = ("wait", "allow")
+from layerpar.config_rules import (  # noqa: F401 - re-exported: the rules live beside the tree
+    BLOCK_STYLES,
+    DATASETS,
+    DEGRADED,
+    MODEL_KINDS,
+    PLACEMENTS,
+    POOLS,
+    TRAIN_MODES,
+    TRANSPORTS,
+    ConfigError,
+    validate,
+)
 
 
 @dataclass(frozen=True)
@@ -279,91 +277,6 @@ def from_dict(raw: dict[str, Any]) -> Config:
     cfg = _build(Config, raw, "")
     validate(cfg)
     return cfg
-
-
-def _one_of(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name} ({value!r}) must be one of {', '.join(map(str, allowed))}")
-
-
-def _at_least(name: str, value: float, low: float) -> None:
-    if value < low:
-        raise ConfigError(f"{name} ({value!r}) must be >= {low}")
-
-
-def validate(cfg: Config) -> None:
-    """Raise ConfigError for impossible combinations; the message names the field and the fix."""
-    m, d, t, p, s = cfg.model, cfg.data, cfg.train, cfg.parallel, cfg.serve
-    _one_of("model.kind", m.kind, MODEL_KINDS)
-    _one_of("model.style", m.style, BLOCK_STYLES)
-    _one_of("model.pool", m.pool, POOLS)
-    for name in ("image_size", "in_channels", "patch_size", "dim", "heads", "mlp_dim",
-                 "num_branches", "branch_depth"):
-        _at_least(f"model.{name}", getattr(m, name), 1)
-    _at_least("model.num_classes", m.num_classes, 2)
-    _at_least("model.head_dim", m.head_dim, 0)
-    if not m.head_dim and m.dim % m.heads:
-        raise ConfigError(f"model.dim ({m.dim}) must be divisible by model.heads ({m.heads})")
-    if m.image_size % m.patch_size:
-        raise ConfigError(
-            f"model.patch_size ({m.patch_size}) must divide model.image_size ({m.image_size})"
-        )
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"model.dropout ({m.dropout}) must be in [0, 1)")
-    _one_of("data.name", d.name, DATASETS)
-    if not 0.0 <= d.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction ({d.val_fraction}) must be in [0, 1)")
-    _at_least("data.synthetic_size", d.synthetic_size, 10)
-    _at_least("data.limit_train", d.limit_train, 0)
-    _one_of("train.mode", t.mode, TRAIN_MODES)
-    _at_least("train.epochs", t.epochs, 1)
-    _at_least("train.batch_size", t.batch_size, 1)
-    if t.lr <= 0:
-        raise ConfigError(f"train.lr ({t.lr}) must be > 0")
-    _at_least("train.min_lr", t.min_lr, 0.0)
-    if not 0.0 <= t.warmup_fraction < 1.0:
-        raise ConfigError(f"train.warmup_fraction ({t.warmup_fraction}) must be in [0, 1)")
-    for name in ("weight_decay", "grad_clip", "label_smoothing", "threads", "max_failures",
-                 "max_minutes"):
-        _at_least(f"train.{name}", getattr(t, name), 0)
-    _at_least("train.frozen_branches", t.frozen_branches, 0)
-    if t.frozen_branches and (m.kind != "paraformer" or t.frozen_branches >= m.num_branches):
-        raise ConfigError(
-            f"train.frozen_branches ({t.frozen_branches}) must be < model.num_branches "
-            f"({m.num_branches}) of a paraformer: at least one branch has to train"
-        )
-    _at_least("train.checkpoint_every", t.checkpoint_every, 1)
-    _at_least("train.keep_checkpoints", t.keep_checkpoints, 1)
-    _at_least("parallel.workers", p.workers, 0)
-    if p.workers > m.num_branches:
-        raise ConfigError(
-            f"parallel.workers ({p.workers}) must be <= model.num_branches ({m.num_branches}): "
-            "every worker owns at least one branch"
-        )
-    if p.workers and m.kind != "paraformer":
-        raise ConfigError(f"parallel.workers ({p.workers}) needs model.kind 'paraformer', got {m.kind!r}")
-    _one_of("parallel.transport", p.transport, TRANSPORTS)
-    _one_of("parallel.placement", p.placement, PLACEMENTS)
-    _at_least("parallel.cpus_per_worker", p.cpus_per_worker, 0)
-    _at_least("parallel.gpus_per_worker", p.gpus_per_worker, 0)
-    _at_least("parallel.threads_per_worker", p.threads_per_worker, 1)
-    if p.timeout_s <= 0 or p.placement_timeout_s <= 0:
-        raise ConfigError("parallel.timeout_s and parallel.placement_timeout_s must be > 0")
-    if not 0 <= s.port <= 65535:
-        raise ConfigError(f"serve.port ({s.port}) must be in 0..65535")
-    if not -1 <= s.metrics_port <= 65535:
-        raise ConfigError(f"serve.metrics_port ({s.metrics_port}) must be in -1..65535")
-    for name in ("max_batch", "max_queue", "max_request_rows", "max_message_bytes"):
-        _at_least(f"serve.{name}", getattr(s, name), 1)
-    _at_least("serve.max_wait_ms", s.max_wait_ms, 0)
-    _one_of("serve.degraded", s.degraded, DEGRADED)
-    _at_least("serve.retries", s.retries, 0)
-    if s.drain_timeout_s < 0 or s.health_interval_s <= 0:
-        raise ConfigError("serve.drain_timeout_s must be >= 0 and serve.health_interval_s must be > 0")
-    if not 0.0 <= s.min_live_fraction <= 1.0:
-        raise ConfigError(f"serve.min_live_fraction ({s.min_live_fraction}) must be in [0, 1]")
-    if (s.tls_cert is None) != (s.tls_key is None):
-        raise ConfigError("serve.tls_cert and serve.tls_key must be given together")
 
 
 # ----------------------------------------------------------------------------- loading
