@@ -97,6 +97,9 @@ class DataConfig:
     """Samples in the synthetic dataset."""
     limit_train: int = 0
     """Use only the first n training samples (0 = all); for quick runs."""
+    augment: str = "none"
+    """Training batches only: `none`, `flip` (mirror left-right, p = 1/2), `flip_crop` (flip, then
+    shift by up to 2 pixels each way)."""
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,8 @@ class ParallelConfig:
     """Longest wait for the cluster to place every worker."""
     address: str | None = None
     """Ray cluster address (`auto`, `ray://host:10001`); None starts a local Ray instance."""
+    shared_memory: bool = True
+    """Inference batches reach workers on the driver's node through /dev/shm, not the object store."""
 
 
 @dataclass(frozen=True)

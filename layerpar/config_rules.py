@@ -17,6 +17,7 @@ class ConfigError(ValueError):
 MODEL_KINDS = ("paraformer", "vit")
 BLOCK_STYLES = ("prenorm", "reference")
 POOLS = ("cls", "mean")
+AUGMENTS = ("none", "flip", "flip_crop")
 DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "synthetic")
 TRAIN_MODES = ("joint", "progressive")
 TRANSPORTS = ("collective", "object_store")
@@ -54,6 +55,7 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout ({m.dropout}) must be in [0, 1)")
     _one_of("data.name", d.name, DATASETS)
+    _one_of("data.augment", d.augment, AUGMENTS)
     if not 0.0 <= d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction ({d.val_fraction}) must be in [0, 1)")
     _at_least("data.synthetic_size", d.synthetic_size, 10)

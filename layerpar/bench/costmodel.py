@@ -11,7 +11,10 @@
 - T_head: LayerNorm + Linear on (B, D).
 
 More workers than devices (here: CPU cores) time-share: with W workers on C devices every worker's
-embed and compute take ceil(W / C) times longer. Extrapolations assume one device per worker (C = W).
+embed and compute take ceil(W / C) times longer. Workers that each own a device can still slow each
+other where they share a host (memory bandwidth, caches, cores that are hyperthreads of one another):
+with W >= 2 the branch compute is multiplied by `kappa`, fitted on the multi-worker corner points
+(1 when none was measured). Extrapolations assume one device per worker (C = W) and keep kappa.
 
 Each (system, batch) group is fitted on its corner points (N in {min, max}, W within the devices)
 and judged on every other point: the held-out error is what a report quotes.
@@ -44,12 +47,14 @@ class CostModel:
     d0: float
     d1: float
     T_head: float
+    kappa: float = 1.0
 
     def phases(self, num_branches: int, workers: int, devices: int | None = None) -> dict[str, float]:
         """Predicted milliseconds per term; devices=None means one device per worker."""
         s = oversubscription(workers, devices or workers)
         return {"embed": self.T_embed * s,
-                "compute": math.ceil(num_branches / workers) * self.t_branch * s,
+                "compute": math.ceil(num_branches / workers) * self.t_branch * s
+                * (self.kappa if workers > 1 else 1.0),
                 "broadcast": self.t_broadcast,
                 "reduce": max(0.0, self.r0 + self.r1 * math.log2(workers)),
                 "dispatch": max(0.0, self.d0 + self.d1 * (workers - 1)),
@@ -79,17 +84,24 @@ def fit(points: list[dict], devices: int) -> CostModel:
     ph = [p["phases_ms"] for p in points]
     k = [math.ceil(p["N"] / p["W"]) * si for p, si in zip(points, s, strict=True)]
     ys = [q.get("compute", 0.0) for q in ph]
-    c_fixed, t_branch = _line(k, ys)
+    single = [i for i, p in enumerate(points) if p["W"] == 1]
+    if len({k[i] for i in single}) < 2:  # the slope needs two single-worker sizes: use every point
+        single = list(range(len(points)))
+    ks, yk = [k[i] for i in single], [ys[i] for i in single]
+    c_fixed, t_branch = _line(ks, yk)
     if c_fixed < 0 or t_branch <= 0:  # noise: no fixed part, a line through the origin
         c_fixed = 0.0
-        t_branch = float(np.dot(k, ys) / np.dot(k, k))
+        t_branch = float(np.dot(ks, yk) / np.dot(ks, ks))
+    shared = [(ys[i] - c_fixed) / (k[i] * t_branch) for i, p in enumerate(points)
+              if p["W"] > 1 and i not in single and t_branch > 0]
+    kappa = float(np.mean(shared)) if shared else 1.0
     embed = float(np.mean([q.get("embed", 0.0) / si for q, si in zip(ph, s, strict=True)]))
     r0, r1 = _line([math.log2(p["W"]) for p in points], [q.get("reduce", 0.0) for q in ph])
     d0, d1 = _line([p["W"] - 1 for p in points], [q.get("dispatch", 0.0) for q in ph])
     return CostModel(T_embed=embed + max(0.0, c_fixed), t_branch=t_branch,
                      t_broadcast=float(np.mean([q.get("broadcast", 0.0) for q in ph])),
                      r0=r0, r1=r1, d0=d0, d1=d1,
-                     T_head=float(np.mean([q.get("head", 0.0) for q in ph])))
+                     T_head=float(np.mean([q.get("head", 0.0) for q in ph])), kappa=kappa)
 
 
 def is_fit_point(point: dict, *, branch_counts: list[int], devices: int) -> bool:

@@ -61,7 +61,7 @@ PRESETS: dict[str, tuple[list[str], dict]] = {
     "default": (REFERENCE_BLOCKS, {}),
     "tiny": (["model.image_size=16", "model.in_channels=3", "model.patch_size=4", "model.dim=32",
               "model.heads=2", "model.mlp_dim=64", "model.num_classes=10", "model.branch_depth=2"],
-             {"workers": [1, 2], "branches": [2], "batches": [2], "warmup": 1, "reps": 3,
+             {"workers": [1, 2], "branches": [1, 2], "batches": [2], "warmup": 1, "reps": 3,
               "min_reps": 2, "max_seconds": 0.5}),
     "gpu-one": (REFERENCE_BLOCKS,
                 {"workers": [1], "branches": [1, 2, 4, 8, 16, 32], "batches": [1, 64],

@@ -56,7 +56,8 @@ def cpu_model() -> str:
 
 
 def environment(*, gpu: bool, devices: int, command: str, address: str | None,
-                cluster: dict | None = None, skipped: list[dict] | None = None) -> dict:
+                cluster: dict | None = None, skipped: list[dict] | None = None,
+          pairs: list[dict] | None = None) -> dict:
     env = {"hostname": platform.node(), "platform": platform.platform(),
            "python": platform.python_version(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
            "torch": torch.__version__, "ray": _version("ray"), "devices": devices,
@@ -97,18 +98,26 @@ def _ratio(a, b):
     return a["p50_ms"] / b["p50_ms"] if a and b else None
 
 
-def headline(rows: list[dict], models: dict, *, devices: int) -> dict:
-    """The ratios issue 6 asks for, measured in this run (None where a point was not measured)."""
+def headline(rows: list[dict], models: dict, *, devices: int, pairs: list[dict] | None = None
+             ) -> dict:
+    """The ratios issue 6 asks for, measured in this run (None where a point was not measured).
+    The depth ratios come from the depth pair (N = 1, W = 1 and N = 2, W = 2 measured in one
+    round-robin) when it was run, else from the sweep's points."""
     batches = sorted({r["batch"] for r in rows})
     b1 = batches[0] if batches else None
     h: dict = {}
     lp = "layerpar-collective"
-    h["layerpar_depth_ratio"] = _ratio(_find(rows, lp, 2, 2, b1), _find(rows, lp, 1, 1, b1))
+    depth = pairs or rows
+    h["depth_ratios_from"] = "depth pair (interleaved)" if pairs else "sweep points"
+    h["layerpar_depth_ratio"] = _ratio(_find(depth, lp, 2, 2, b1), _find(depth, lp, 1, 1, b1))
     h["layerpar_depth_ratio_by_batch"] = {
-        str(b): _ratio(_find(rows, lp, 2, 2, b), _find(rows, lp, 1, 1, b)) for b in batches}
-    h["layerpar_object_store_depth_ratio"] = _ratio(_find(rows, "layerpar-object_store", 2, 2, b1),
-                                                    _find(rows, "layerpar-object_store", 1, 1, b1))
-    h["vit_depth_ratio"] = _ratio(_find(rows, "vit-1dev", 2, 1, b1), _find(rows, "vit-1dev", 1, 1, b1))
+        str(b): _ratio(_find(depth, lp, 2, 2, b), _find(depth, lp, 1, 1, b)) for b in batches}
+    h["layerpar_object_store_depth_ratio"] = _ratio(
+        _find(depth, "layerpar-object_store", 2, 2, b1), _find(depth, "layerpar-object_store", 1, 1, b1))
+    h["vit_depth_ratio"] = _ratio(_find(depth, "vit-1dev", 2, 1, b1), _find(depth, "vit-1dev", 1, 1, b1))
+    if pairs:
+        h["layerpar_depth_ratio_sweep_points"] = _ratio(_find(rows, lp, 2, 2, b1),
+                                                        _find(rows, lp, 1, 1, b1))
     pipe_ns = sorted({r["N"] for r in rows if r["system"] == "vit-pipeline" and r["W"] == 2})
     if pipe_ns:
         n = pipe_ns[-1]
@@ -141,8 +150,9 @@ def headline(rows: list[dict], models: dict, *, devices: int) -> dict:
                 r = _ratio(_find(rows, sys_name, n, 1, b), _find(rows, sys_name, 1, 1, b))
                 if r is not None:
                     h[f"{key}_n{n}_vs_n1_b{b}"] = r
-    h["logits_match"] = all(r["logits_match"] for r in rows) if rows else None
-    h["max_abs_diff"] = max((r["max_abs_diff"] for r in rows), default=None)
+    checked = rows + (pairs or [])
+    h["logits_match"] = all(r["logits_match"] for r in checked) if checked else None
+    h["max_abs_diff"] = max((r["max_abs_diff"] for r in checked), default=None)
     h["pass"] = {k: _passes(h.get(k), *t) for k, t in TARGETS.items() if h.get(k) is not None}
     return h
 
@@ -164,7 +174,8 @@ def _clean(obj):
 
 def write(rows: list[dict], *, cfg, settings: dict, preset: str, devices: int, gpu: bool,
           out_dir: str, command: str, duration_s: float, address: str | None,
-          cluster: dict | None = None, skipped: list[dict] | None = None) -> dict:
+          cluster: dict | None = None, skipped: list[dict] | None = None,
+          pairs: list[dict] | None = None) -> dict:
     """Write the run directory; return the one-line JSON summary."""
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(out_dir) / f"scale-{preset}-{stamp}"
@@ -176,14 +187,16 @@ def write(rows: list[dict], *, cfg, settings: dict, preset: str, devices: int, g
     derive(rows, settings["atol"])
     models = costmodel.fit_and_judge(rows, devices)
     serial = costmodel.fit_serial(rows) if any(r["system"] == "vit-1dev" for r in rows) else {}
-    heads = headline(rows, models, devices=devices)
+    pairs = pairs or []
+    derive(pairs, settings["atol"])
+    heads = headline(rows, models, devices=devices, pairs=pairs)
     env = environment(gpu=gpu, devices=devices, command=command, address=address, cluster=cluster)
     result = _clean({"format": "layerpar-scale-v1", "preset": preset, "run_dir": str(run_dir),
                      "created": dt.datetime.now().isoformat(timespec="seconds"),
                      "duration_s": round(duration_s, 1), "environment": env,
                      "model": cfg.to_dict()["model"], "settings": settings, "targets": TARGETS,
                      "headline": heads, "cost_model": models, "serial_vit_fit": serial,
-                     "skipped": skipped or [], "rows": rows})
+                     "skipped": skipped or [], "rows": rows, "depth_pair": pairs})
     with open(run_dir / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()

@@ -74,6 +74,7 @@ class Sweep:
                                       cfg.model.image_size, generator=seeded(1234, b))
                        for b in settings.batches}
         self._truth: dict[tuple[str, int, int], torch.Tensor] = {}
+        self.pairs: list[dict] = []  # the depth pair, measured apart from the sweep (run_depth_pair)
 
     def model_cfg(self, n: int):
         return dataclasses.replace(self.cfg.model, num_branches=n)
@@ -110,12 +111,12 @@ class Sweep:
         """Measure the systems of one point in round-robin, batch size by batch size."""
         for batch in self.s.batches:
             x = self.inputs[batch]
-            fns = {s.name: (lambda s=s, x=x: s.run(x)) for s, _ in group}
+            fns = {f"{s.name}@{w}": (lambda s=s, x=x: s.run(x)) for s, w in group}
             results = measure_interleaved(fns, warmup=self.s.warmup, reps=self.s.reps,
                                           min_reps=self.s.min_reps, max_seconds=self.s.max_seconds,
-                                          phases={s.name: s.phases for s, _ in group})
+                                          phases={f"{s.name}@{w}": s.phases for s, w in group})
             for s, w in group:
-                timing, logits = results[s.name]
+                timing, logits = results[f"{s.name}@{w}"]
                 self._add(s.name, n, w, batch, params, timing, logits, s.bytes_moved())
 
     def _add(self, name, n, w, batch, params, timing, logits, bytes_moved=None) -> None:
@@ -156,23 +157,76 @@ class Sweep:
                 torch.cuda.synchronize()
 
     def run_cpu(self) -> None:
+        """Every N with all its worker counts W <= devices in one round-robin (this machine's
+        speed drifts over minutes: S(W) and the cost model's fit compare points measured side by
+        side), then the oversubscribed W on their own."""
         from layerpar.bench.pipeline import PipelinePool
 
-        seed, systems = self.cfg.train.seed, self.s.systems
-        for w in self.s.workers:
-            branch_counts = [n for n in self.s.branches if n >= w]
-            if w > self.devices and self.s.oversubscribed != "all":
-                # time-shared workers say little; every one of them costs an actor start-up
-                branch_counts = branch_counts[-1:] if self.s.oversubscribed == "largest" else []
-            pool = None
-            if "vit-pipeline" in systems and w > 1 and branch_counts:
-                pool = PipelinePool(w)
+        seed, s = self.cfg.train.seed, self.s
+        within = [w for w in s.workers if w <= self.devices]
+        over = [w for w in s.workers if w > self.devices]
+        pools: dict[int, object] = {}
+        try:
+            if "vit-pipeline" in s.systems:
+                pools = {w: PipelinePool(w) for w in within if w > 1}
+            for n in s.branches:
+                ws = [w for w in within if w <= n]
+                if ws:
+                    self._cpu_point(n, ws, pools, seed)
+        finally:
+            for pool in pools.values():
+                pool.close()
+        for w in over:
+            # time-shared workers say little; every one of them costs an actor start-up
+            branch_counts = [n for n in s.branches if n >= w]
+            if s.oversubscribed != "all":
+                branch_counts = branch_counts[-1:] if s.oversubscribed == "largest" else []
+            pool = PipelinePool(w) if "vit-pipeline" in s.systems and branch_counts else None
             try:
                 for n in branch_counts:
-                    self._cpu_point(n, w, pool, seed)
+                    self._cpu_point(n, [w], {w: pool} if pool else {}, seed)
             finally:
                 if pool is not None:
                     pool.close()
+        self.rows.sort(key=lambda r: (r["W"], r["N"], r["batch"]))  # stable: systems keep their order
+
+    def run_depth_pair(self) -> None:
+        """The depth headline in one round-robin: N = 1 on W = 1 beside N = 2 on W = 2 (each
+        transport) and the serial ViT 1 and 2 blocks deep, at every batch size: the sweep measures
+        N = 1 and N = 2 minutes apart, and this machine's speed drifts by 20-30% over minutes."""
+        s, seed = self.s, self.cfg.train.seed
+        if not ({1, 2} <= set(s.branches) and {1, 2} <= set(s.workers) and self.devices >= 2):
+            return
+        members: dict[str, tuple[object, str, int, int]] = {}  # key -> (system, name, N, W)
+        try:
+            for t in ("collective", "object_store"):
+                if f"layerpar-{t}" in s.systems:
+                    for n in (1, 2):
+                        members[f"{t}-{n}"] = (LayerparSystem(self.cfg_for(n), workers=n, transport=t),
+                                               f"layerpar-{t}", n, n)
+            if "vit-1dev" in s.systems:
+                for n in (1, 2):
+                    members[f"vit-{n}"] = (ModelSystem("vit-1dev", ViT(self.model_cfg(n), seed=seed),
+                                                       torch.device("cpu")), "vit-1dev", n, 1)
+            for batch in s.batches:
+                x = self.inputs[batch]
+                fns = {key: (lambda m=m, x=x: m[0].run(x)) for key, m in members.items()}
+                results = measure_interleaved(fns, warmup=s.warmup, reps=s.reps, min_reps=s.min_reps,
+                                              max_seconds=s.max_seconds,
+                                              phases={key: m[0].phases for key, m in members.items()})
+                for key, (_, name, n, w) in members.items():
+                    timing, logits = results[key]
+                    kind = REFERENCE_MODEL[name]
+                    params = param_count((ParaFormer if kind == "paraformer" else ViT)(
+                        self.model_cfg(n), seed=seed))
+                    row = _row(name, n, w, batch, self.cfg, params, timing, devices=self.devices,
+                               logits=logits, truth=self.truth(kind, n, batch))
+                    self.pairs.append(row)
+                    print(f"depth pair {name:22s} N={n} W={w} B={batch:<3d} p50 {row['p50_ms']:9.3f} ms",
+                          file=sys.stderr, flush=True)
+        finally:
+            for system, *_ in members.values():
+                system.close()
 
     def skip(self, system: str, n: int, w: int, exc: BaseException) -> None:
         """A point that could not be measured is reported, not fatal."""
@@ -180,46 +234,53 @@ class Sweep:
         self.skipped.append({"system": system, "N": n, "W": w, "reason": reason})
         print(f"{system:22s} N={n:<3d} W={w:<2d} SKIPPED: {reason}", file=sys.stderr, flush=True)
 
-    def _cpu_point(self, n: int, w: int, pool, seed: int) -> None:
+    def _cpu_point(self, n: int, ws: list[int], pools: dict, seed: int) -> None:
+        """N branches with each W in ws: layerpar (both transports), reference-threads and the serial
+        ViT measured in one round-robin, then the pipeline (its own processes) per W."""
         systems = self.s.systems
         local = ParaFormer(self.model_cfg(n), seed=seed).eval()
         params = param_count(local)
-        transports = [t for t in ("collective", "object_store") if f"layerpar-{t}" in systems]
-        # both engines start together (actor start-up is most of a point's set-up time); idle
+        engines = [(t, w) for w in ws for t in ("collective", "object_store")
+                   if f"layerpar-{t}" in systems]
+        # the engines start together (actor start-up is most of a point's set-up time); idle
         # engines use no CPU while another system is timed
-        with ThreadPoolExecutor(max_workers=max(1, len(transports))) as ex:
+        with ThreadPoolExecutor(max_workers=max(1, len(engines))) as ex:
             futures = [ex.submit(LayerparSystem, self.cfg_for(n), workers=w, transport=t)
-                       for t in transports]
+                       for t, w in engines]
         group: list[tuple[object, int]] = []  # (system, its W label)
-        for t, f in zip(transports, futures, strict=True):
+        for (t, w), f in zip(engines, futures, strict=True):
             try:
                 group.append((f.result(), w))
             except Exception as exc:  # noqa: BLE001 - e.g. the cluster cannot place W workers
                 self.skip(f"layerpar-{t}", n, w, exc)
         try:
             if "reference-threads" in systems:
-                group.append((ReferenceThreads(local, workers=w), w))
-            if "vit-1dev" in systems and w == min(self.s.workers):
+                group += [(ReferenceThreads(local, workers=w), w) for w in ws]
+            if "vit-1dev" in systems and min(self.s.workers) in ws:
                 group.append((ModelSystem("vit-1dev", ViT(self.model_cfg(n), seed=seed),
                                           torch.device("cpu")), 1))
             self.record_interleaved(group, n, params)
         finally:
             for system, _ in group:
                 system.close()
-        if pool is not None and n * self.cfg.model.branch_depth >= w:
-            for batch in self.s.batches:
-                system = PipelineSystem(pool, self.model_cfg(n), seed=seed,
-                                        micro_batches=micro_batches_for(batch, w))
-                try:
-                    logits, samples = system.run_timed(
-                        self.inputs[batch], warmup=self.s.warmup, reps=self.s.reps,
-                        min_reps=self.s.min_reps, max_seconds=self.s.max_seconds)
-                except RuntimeError as exc:
-                    self.skip("vit-pipeline", n, w, exc)
-                    continue
-                timing = summarize(samples, warmup=self.s.warmup)
-                self._add("vit-pipeline", n, w, batch, params, timing, logits)
-                self.rows[-1]["micro_batches"] = system.micro_batches
+        for w in ws:
+            if pools.get(w) is not None and n * self.cfg.model.branch_depth >= w:
+                self._pipeline_point(pools[w], n, w, params, seed)
+
+    def _pipeline_point(self, pool, n: int, w: int, params: int, seed: int) -> None:
+        for batch in self.s.batches:
+            system = PipelineSystem(pool, self.model_cfg(n), seed=seed,
+                                    micro_batches=micro_batches_for(batch, w))
+            try:
+                logits, samples = system.run_timed(
+                    self.inputs[batch], warmup=self.s.warmup, reps=self.s.reps,
+                    min_reps=self.s.min_reps, max_seconds=self.s.max_seconds)
+            except RuntimeError as exc:
+                self.skip("vit-pipeline", n, w, exc)
+                continue
+            timing = summarize(samples, warmup=self.s.warmup)
+            self._add("vit-pipeline", n, w, batch, params, timing, logits)
+            self.rows[-1]["micro_batches"] = system.micro_batches
 
 
 def start_ray(address: str | None, settings: BenchSettings) -> bool:
@@ -266,6 +327,7 @@ def run(preset: str, sets: list[str], *, out_dir: str, address: str | None, comm
                     sweep.devices = max(1, cluster["devices"])
         try:
             sweep.run_cpu()
+            sweep.run_depth_pair()
         finally:
             if ray_started:
                 import ray
@@ -275,7 +337,7 @@ def run(preset: str, sets: list[str], *, out_dir: str, address: str | None, comm
     return report.write(sweep.rows, cfg=cfg, settings=dataclasses.asdict(settings), preset=preset,
                         devices=sweep.devices, gpu=sweep.gpu, out_dir=out_dir, command=command,
                         duration_s=duration, address=address,
-                        cluster=cluster, skipped=sweep.skipped)
+                        cluster=cluster, skipped=sweep.skipped, pairs=sweep.pairs)
 
 
 def cli_main(argv: list[str] | None = None) -> int:

@@ -77,16 +77,27 @@ def markdown(result: dict, plots: list[str]) -> str:
     targets = result["targets"]
     hl = []
     for k, v in h.items():
-        if isinstance(v, (dict, list)) or v is None or k in ("logits_match", "max_abs_diff"):
+        if isinstance(v, (dict, list, str)) or v is None or k in ("logits_match", "max_abs_diff"):
             continue
         t = targets.get(k)
         hl.append([k, _f(v, "{:.3f}"), f"{t[0]} {t[1]}" if t else "",
                    {True: "yes", False: "**no**"}.get(h["pass"].get(k), "")])
     lines += [_table(["ratio", "value", "target", "met"], hl), ""]
-    for k in ("layerpar_vs_pipeline_point", "layerpar_vs_reference_point"):
+    for k in ("depth_ratios_from", "layerpar_vs_pipeline_point", "layerpar_vs_reference_point"):
         if k in h:
             lines.append(f"- {k}: {h[k]}")
     lines.append("")
+    if result.get("depth_pair"):
+        lines += ["## Depth pair", "",
+                  "N = 1 on W = 1 and N = 2 on W = 2 (and the serial ViT 1 and 2 blocks deep) measured "
+                  "in one round-robin, so that the machine's drift between sweep points does not enter "
+                  "the depth ratios. p50/p95 in ms; spread = IQR / p50.", ""]
+        lines += [_table(["system", "N", "W", "B", "p50", "p95", "spread", "reps", "phases"],
+                         [[r["system"], r["N"], r["W"], r["batch"], _f(r["p50_ms"], "{:.2f}"),
+                           _f(r["p95_ms"], "{:.2f}"), _f(r["spread"], "{:.2f}"), r["reps"],
+                           "/".join(_f(r.get(f"phase_{p}_ms"), "{:.2f}") for p in
+                                    ("embed", "broadcast", "compute", "reduce", "head", "dispatch"))
+                           if r.get("phases_ms") else ""] for r in result["depth_pair"]]), ""]
     lines += _gpu_table(rows)
     for p in plots:
         lines += [f"![{p}]({p})", ""]
@@ -113,16 +124,18 @@ def markdown(result: dict, plots: list[str]) -> str:
         lines += ["## Cost model", "",
                   "`T(W) = T_embed + ceil(N/W)*t_branch + t_broadcast + t_reduce + t_dispatch + T_head`, "
                   "t_reduce = r0 + r1*log2(W), t_dispatch = d0 + d1*(W-1); with W workers on C devices "
-                  "embed and compute take ceil(W/C) times longer. Coefficients in ms.", ""]
+                  "embed and compute take ceil(W/C) times longer; with W >= 2 the branch compute is "
+                  "multiplied by kappa (workers sharing a host slow each other). Coefficients in ms.", ""]
         cm = []
         for key, mdl in result["cost_model"].items():
             c = mdl["coefficients_ms"]
             cm.append([key] + [_f(c[k], "{:.3f}") for k in
-                               ("T_embed", "t_branch", "t_broadcast", "r0", "r1", "d0", "d1", "T_head")]
+                               ("T_embed", "t_branch", "t_broadcast", "r0", "r1", "d0", "d1", "T_head",
+                                "kappa")]
                       + [_f(mdl["max_abs_error_held_out_within_devices"], "{:.0%}"),
                          _f(mdl["max_abs_error_held_out"], "{:.0%}")])
         lines += [_table(["model", "T_embed", "t_branch", "t_bcast", "r0", "r1", "d0", "d1", "T_head",
-                          "max err held out", "incl. oversubscribed"], cm), ""]
+                          "kappa", "max err held out", "incl. oversubscribed"], cm), ""]
         lines += ["Extrapolation (one device per worker), predicted ms:", ""]
         for key, mdl in result["cost_model"].items():
             ex = mdl["extrapolation"]

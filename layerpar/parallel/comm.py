@@ -2,7 +2,8 @@
 
 The autograd algebra of a layer-parallel Para-Former (DESIGN.md section 3):
 
-    forward:  x is broadcast to every worker;      y = sum_w p_w        (reduce_branch_sums)
+    forward:  x is broadcast to every worker;      y = sum_w p_w        (reduce_branch_sums;
+              inference: gather_branch_sums, y on rank 0 only)
     backward: dL/dy is broadcast to every worker;  dL/dx0 = sum_w dL/dx0_w  (sum_replicated_grads)
 
 Every worker holds the full y after the reduce and computes the same head and loss, so every worker
@@ -31,6 +32,9 @@ class LocalComm:
     def reduce_branch_sums(self, outputs: torch.Tensor, num_branches: int | None = None) -> torch.Tensor:
         return ordered_sum(outputs)
 
+    def gather_branch_sums(self, outputs: torch.Tensor, num_branches: int | None = None) -> torch.Tensor:
+        return ordered_sum(outputs)
+
     def sum_replicated_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
         return None
 
@@ -48,6 +52,19 @@ def _sq_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
 
 
+def _padded(outputs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """(K_w, B, D) -> (max K, B, D): gathers need one shape on every rank."""
+    k_max, (_, b, d) = max(counts), outputs.shape
+    padded = outputs.new_zeros((k_max, b, d))
+    padded[: outputs.shape[0]] = outputs
+    return padded
+
+
+def _sum_in_branch_order(parts: list[torch.Tensor], counts: list[int]) -> torch.Tensor:
+    rows = torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])  # (N, B, D) in branch order
+    return ordered_sum(rows)
+
+
 class _ReduceBranchSums(torch.autograd.Function):
     """Forward: gather every worker's pooled branch rows (K_w, B, D) and add all N of them in branch
     order, exactly as one process would: every rank gets the same bits as the single-process model.
@@ -55,14 +72,11 @@ class _ReduceBranchSums(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, outputs: torch.Tensor, group, counts: list[int]) -> torch.Tensor:
-        k_max, (_, b, d) = max(counts), outputs.shape
-        padded = outputs.new_zeros((k_max, b, d))  # all_gather needs one shape on every rank
-        padded[: outputs.shape[0]] = outputs
+        padded = _padded(outputs, counts)
         parts = [torch.empty_like(padded) for _ in counts]
         dist.all_gather(parts, padded, group=group)  # blocks until every rank joins
         ctx.num_own = outputs.shape[0]
-        rows = torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])  # (N, B, D) in branch order
-        return ordered_sum(rows)
+        return _sum_in_branch_order(parts, counts)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
@@ -88,9 +102,23 @@ class GroupComm:
     def reduce_branch_sums(self, outputs: torch.Tensor, num_branches: int | None = None) -> torch.Tensor:
         """Every worker's pooled rows of its branches below `num_branches` (K_w, B, D) -> the (B, D)
         sum over all of them, on every worker of the group."""
+        return _ReduceBranchSums.apply(outputs, self.group, self._counts(num_branches))
+
+    def gather_branch_sums(self, outputs: torch.Tensor, num_branches: int | None = None
+                           ) -> torch.Tensor | None:
+        """Inference: the same (B, D) sum, on rank 0 only (None on the others), with one gather: the
+        other ranks need no result, and a rank that arrives last returns once its rows are sent
+        (an all_gather would also make it wait for its peers' rows). No autograd."""
+        counts = self._counts(num_branches)
+        padded = _padded(outputs, counts)
+        parts = [torch.empty_like(padded) for _ in counts] if self.rank == 0 else None
+        dist.gather(padded, parts, dst=0, group=self.group)  # global rank 0 is every group's rank 0
+        return _sum_in_branch_order(parts, counts) if self.rank == 0 else None
+
+    def _counts(self, num_branches: int | None) -> list[int]:
+        """Branches below num_branches that each rank of the group owns."""
         k = self.layout.num_branches if num_branches is None else num_branches
-        counts = [sum(1 for b in self.layout.owned(r) if b < k) for r in range(self.world_size)]
-        return _ReduceBranchSums.apply(outputs, self.group, counts)
+        return [sum(1 for b in self.layout.owned(r) if b < k) for r in range(self.world_size)]
 
     def sum_replicated_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Sum the gradients of replicated parameters (the embedding) so every replica steps alike.

@@ -5,10 +5,11 @@
         engine.train_step(x, y)
         engine.save("runs/x/checkpoints/step_0000001", epoch=1)
 
-Inference: the driver puts the batch into the object store once and hands every worker the same
-reference; every worker is dispatched before any result is awaited. With the `collective` transport
-the partial sums are reduced inside the worker group and rank 0 applies the head; with
-`object_store` each worker returns its (B, D) partial sum and the driver adds them in rank order.
+Inference: the driver puts the batch into the object store once (or, when every worker shares its
+node, into a shared-memory slot: runtime/shm.py) and hands every worker the same reference; every
+worker is dispatched before any result is awaited. With the `collective` transport the partial sums
+are reduced inside the worker group and rank 0 applies the head; with `object_store` each worker
+returns its (B, D) partial sum and the driver adds them in rank order.
 
 Faults (docs/FAILURES.md): a worker that dies or does not answer within parallel.timeout_s is noticed
 by the call that needed it; a background Recovery (runtime/recovery.py) restarts it in its bundle,
@@ -28,6 +29,7 @@ import os
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 
 import ray
 import torch
@@ -37,11 +39,15 @@ from layerpar.cluster_utils import resolve_address
 from layerpar.config import Config
 from layerpar.model.paraformer import make_head, ordered_sum, prefix_sums
 from layerpar.parallel.layout import BranchLayout
+from layerpar.runtime import shm
+from layerpar.runtime.fastpath import FastLane, FastPathError
 from layerpar.runtime.placement import bundle_strategy, place_workers, release
 from layerpar.runtime.recovery import MAX_TRIES, FaultHandling, WorkerError, kill
+from layerpar.runtime.shm import InputSlots
 from layerpar.runtime.worker import RemoteBranchWorker, as_tensor
 
 __all__ = ["ClusterError", "Engine", "WorkerError", "connect"]
+log = logging.getLogger("layerpar.runtime")
 
 
 class ClusterError(RuntimeError):
@@ -112,6 +118,11 @@ class Engine(FaultHandling):
         self._submit_lock = threading.Lock()
         self._init_faults()  # runtime/recovery.py
         self._owns_ray = connect(cfg)
+        self._node_id = _driver_node()
+        self._slots = InputSlots(f"layerpar-{self.id}") if cfg.parallel.shared_memory \
+            and shm.available() else None
+        self._lane = FastLane(enabled=self._slots is not None, timeout_s=self.timeout_s,
+                              startup_timeout_s=self.startup_timeout_s, tag=self.id)
         try:
             self._pg = place_workers(cfg.parallel)
             self._start_workers()
@@ -152,12 +163,15 @@ class Engine(FaultHandling):
             rec = self._recovery
         if rec is not None:  # let a nearly done recovery finish; a later one kills what it started
             rec.done.wait(5.0)
+        self._end_fast()
         for w in self.workers:
             kill(w)
         self.workers = []
         self._snapshot = None
         release(self._pg)
         self._pg = None
+        if self._slots is not None:
+            self._slots.close()
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
         self._owns_ray = False
@@ -226,23 +240,38 @@ class Engine(FaultHandling):
         surviving workers' branches (head of their sum, in branch order), marked degraded."""
         x, k = self.check_input(x), self._num_branches(num_branches)
         t0 = time.perf_counter()
-        ref = broadcast_ref(x.numpy())  # one copy for every worker, and for every retry
-        broadcast_s = time.perf_counter() - t0
-        last: WorkerError | None = None
-        for _ in range(MAX_TRIES):
-            rec = self._recovery
-            if rec is not None and rec.active and self.allow_degraded:
-                out = self._degraded(rec, ref, k)
-                if out is not None:
-                    return out
-            try:
-                with self._dispatch() as workers:
-                    logits = self._infer(workers, ref, x, k, broadcast_s)
-                return logits, {"degraded": False, "branches_used": list(range(k))}
-            except WorkerError as exc:
-                last = exc
-                self._begin_recovery(str(exc))
-        raise last
+        with self._broadcast(x.numpy()) as ref:  # one copy for every worker, and for every retry
+            broadcast_s = time.perf_counter() - t0
+            last: WorkerError | None = None
+            for _ in range(MAX_TRIES):
+                rec = self._recovery
+                if rec is not None and rec.active and self.allow_degraded:
+                    out = self._degraded(rec, ref, k)
+                    if out is not None:
+                        return out
+                try:
+                    with self._dispatch() as workers:
+                        logits = self._infer(workers, ref, x, k, broadcast_s)
+                    return logits, {"degraded": False, "branches_used": list(range(k))}
+                except WorkerError as exc:
+                    last = exc
+                    self._begin_recovery(str(exc))
+            raise last
+
+    @contextmanager
+    def _broadcast(self, array):
+        """The one copy of a batch every worker reads during a call: the array itself when small
+        (it rides in the request), a shared-memory slot when every worker is on this node
+        (runtime/shm.py), else an object-store reference."""
+        if self._slots is None or array.nbytes <= INLINE_BYTES or not self._same_node():
+            yield broadcast_ref(array)
+            return
+        with self._slots.hold(array) as ref:
+            yield ref
+
+    def _same_node(self) -> bool:
+        return self._node_id is not None and all(
+            p.get("node_id") == self._node_id for p in self.placement)
 
     def _infer(self, workers: list, ref, x: torch.Tensor, k: int, broadcast_s: float) -> torch.Tensor:
         if self._state == "snapshot" and self._snapshot is None:
@@ -250,18 +279,21 @@ class Engine(FaultHandling):
         t1 = time.perf_counter()
         t0 = t1 - broadcast_s
         r = self.layout.participants(k)
-        with self._submit_lock:
-            refs = [w.infer.remote(ref, k, self.collective) for w in workers[:r]]  # dispatch all
-        outs = self._get(refs)  # ... then wait once
+        outs = None
+        if not isinstance(ref, ray.ObjectRef) and self._same_node():
+            outs = self._fast_call(workers, r, ("infer", ref, k, self.collective))
+        if outs is None:
+            with self._submit_lock:
+                refs = [w.infer.remote(ref, k, self.collective) for w in workers[:r]]  # dispatch all
+            outs = self._get(refs)  # ... then wait once
         t2 = time.perf_counter()
         if self.collective:
-            logits, timings = as_tensor(outs[0][0]), outs[0][1]
+            logits, timings = as_tensor(outs[0][0]), merge_timings([o[1] for o in outs])
         else:
             rows = torch.cat([as_tensor(o[0]) for o in outs])  # (k, B, D) in branch order
             th = time.perf_counter()
             logits = self.head_module()(ordered_sum(rows))
-            timings = {"embed": max(o[1]["embed"] for o in outs),
-                       "compute": max(o[1]["compute"] for o in outs),
+            timings = {**merge_timings([o[1] for o in outs]),
                        "reduce": time.perf_counter() - t2, "head": time.perf_counter() - th}
         total_s = time.perf_counter() - t0
         worker_s = sum(timings.get(p, 0.0) for p in ("embed", "compute", "reduce", "head"))
@@ -271,6 +303,27 @@ class Engine(FaultHandling):
         self.last_bytes = {"broadcast": x.numel() * 4, "reduce": r * self.layout.max_owned * row_bytes,
                            "result": logits.numel() * 4}
         return logits
+
+    def _fast_call(self, workers: list, ranks: int, msg: tuple) -> list[tuple] | None:
+        """One request to ranks 0..ranks-1 over the fast path, replies as (out, timings) like a Ray
+        call's; None when the fast path cannot run (the caller goes through Ray)."""
+        try:
+            replies = self._lane.call(workers, ranks, msg)
+        except FastPathError as exc:
+            raise WorkerError(str(exc)) from None
+        if replies is None:
+            return None
+        for reply in replies:
+            if reply[0] == "error":
+                cause = RuntimeError(reply[1])
+                if _is_comm_failure(cause):
+                    raise WorkerError(f"a collective failed (a peer died or hung): {reply[1][:300]}")
+                raise cause
+        return [reply[1:] for reply in replies]
+
+    def _end_fast(self) -> None:
+        """Give the workers' default threads back (before any other call that needs them)."""
+        self._lane.end()
 
     def _make_head(self, state: dict) -> torch.nn.Module:
         head = make_head(self.cfg.model, self.cfg.train.seed)
@@ -286,14 +339,14 @@ class Engine(FaultHandling):
     @torch.no_grad()
     def prefix_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of every prefix model k = 1..N in one pass: (N, B, classes)."""
-        ref = broadcast_ref(self.check_input(x).numpy())
+        with self._broadcast(self.check_input(x).numpy()) as ref:
 
-        def call(workers):
-            outs = self._get([w.branch_outputs.remote(ref) for w in workers])
-            rows = torch.cat([as_tensor(o) for o in outs])  # (N, B, D) in branch order
-            return self.head_module()(prefix_sums(rows))
+            def call(workers):
+                outs = self._get([w.branch_outputs.remote(ref) for w in workers])
+                rows = torch.cat([as_tensor(o) for o in outs])  # (N, B, D) in branch order
+                return self.head_module()(prefix_sums(rows))
 
-        return self._idempotent(call)
+            return self._idempotent(call)
 
     def evaluate(self, split, batch_size: int = 256) -> dict:
         """Accuracy and loss of the full model and the accuracy of every prefix k = 1..N."""
@@ -401,6 +454,30 @@ class Engine(FaultHandling):
     def worker_pids(self) -> list[int]:
         """Process id of every worker, by rank (launch/chaos.py kills them)."""
         return [int(p["pid"]) for p in self.placement]
+
+
+def _driver_node() -> str | None:
+    """This process's Ray node id; None where it has none (a Ray Client driver): then no worker
+    counts as local and everything goes through Ray."""
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - Ray Client raises here
+        return None
+
+
+def merge_timings(per_worker: list[dict[str, float]]) -> dict[str, float]:
+    """One phase split from every worker's own: embed and compute of the slowest worker; the reduce
+    of the last worker to reach it (the collective itself; earlier arrivals only wait, and that
+    wait is the slower workers' compute or a later start, counted there or in dispatch); the head
+    of rank 0, the only one that runs it."""
+    out = {p: max(t[p] for t in per_worker) for p in ("embed", "compute")}
+    reduces = [t["reduce"] for t in per_worker if "reduce" in t]
+    if reduces:
+        out["reduce"] = min(reduces)
+    heads = [t["head"] for t in per_worker if "head" in t]
+    if heads:
+        out["head"] = heads[0]
+    return out
 
 
 def _is_comm_failure(cause: BaseException | None) -> bool:

@@ -121,8 +121,8 @@ def kill(handle) -> None:
 
 class FaultHandling:
     """The Engine's fault policy. Expects from the engine: workers, layout, timeout_s,
-    startup_timeout_s, collective, allow_degraded, _get, _new_worker, _form_group, _make_head, and
-    the state initialised by _init_faults()."""
+    startup_timeout_s, collective, allow_degraded, _get, _new_worker, _form_group, _make_head,
+    _end_fast, and the state initialised by _init_faults()."""
 
     def _init_faults(self) -> None:
         # What a restarted worker is restored from: "fresh" (seeded initial weights), "snapshot"
@@ -166,6 +166,7 @@ class FaultHandling:
         for _ in range(MAX_TRIES):
             try:
                 with self._dispatch() as workers:
+                    self._end_fast()  # the call needs the workers' default threads
                     return call(workers)
             except WorkerError as exc:
                 last = exc
@@ -176,6 +177,7 @@ class FaultHandling:
         """Run call(workers) once; a WorkerError leaves the engine to recover at its next call."""
         try:
             with self._dispatch() as workers:
+                self._end_fast()
                 return call(workers)
         except WorkerError as exc:
             self._broken = str(exc)
@@ -230,6 +232,7 @@ class FaultHandling:
         try:
             self._drain(self.timeout_s + LEAVE_S)  # 2
             t = rec.mark("drain", t)
+            self._end_fast()  # the fast path's loops hold the default threads leave_group needs
             stuck = leave_group(rec.handles, LEAVE_S)  # 3
             t = rec.mark("leave", t)
             lost = sorted(set(rec.dead) | set(stuck))

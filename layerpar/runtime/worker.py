@@ -21,11 +21,16 @@ import torch
 from layerpar.config import from_dict
 from layerpar.parallel import process_group
 from layerpar.parallel.shard import BranchShard
+from layerpar.runtime import fastpath, shm
+from layerpar.runtime.shm import SharedInput
 
 
 def as_tensor(x) -> torch.Tensor:
     """Object-store arrays arrive read-only and zero-copy; nothing here writes to them, so they are
-    wrapped without a copy (torch warns about read-only memory; the warning is moot here)."""
+    wrapped without a copy (torch warns about read-only memory; the warning is moot here). A
+    SharedInput is read in place from its shared-memory slot."""
+    if isinstance(x, SharedInput):
+        return shm.read(x)
     if isinstance(x, np.ndarray):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -44,6 +49,7 @@ class BranchWorker:
         cfg = from_dict(cfg_dict)
         torch.set_num_threads(cfg.parallel.threads_per_worker)
         self.shard = BranchShard(cfg, worker_rank=worker_rank, total_steps=total_steps)
+        self._stall_until = 0.0  # debug_stall (tests only)
 
     @ray.method(concurrency_group="side")
     def where(self) -> dict:
@@ -66,13 +72,21 @@ class BranchWorker:
         self.shard.leave_group()
 
     def infer(self, x, num_branches: int, reduce: bool) -> tuple[np.ndarray | None, dict]:
+        self._stall()
         out, timings = self.shard.infer(as_tensor(x), num_branches, reduce=reduce)
         return to_wire(out), timings
 
+    def serve_fast(self, path: str, rank: int) -> int:
+        """Answer `infer` requests from the driver's socket on this (default) thread until the
+        driver stops the fast path (runtime/fastpath.py); returns how many were answered."""
+        return fastpath.serve(path, rank, self.infer)
+
     def branch_outputs(self, x) -> np.ndarray:
+        self._stall()
         return to_wire(self.shard.branch_outputs(as_tensor(x)))
 
     def train_step(self, batch) -> dict:
+        self._stall()
         x, y = batch
         return self.shard.train_step(as_tensor(x), as_tensor(y))
 
@@ -114,12 +128,18 @@ class BranchWorker:
 
     # ------------------------------------------------------------------ test-only fault injection
 
+    @ray.method(concurrency_group="side")
     def debug_stall(self, seconds: float) -> float:
-        """TEST ONLY: block this worker's default thread for `seconds`, as a hung process would: calls
-        queued behind it (and its peers' collectives) get no answer. Used by tests/faults to check that
-        the driver raises or recovers after parallel.timeout_s instead of hanging."""
-        time.sleep(seconds)
+        """TEST ONLY: make this worker's default thread hang for `seconds` from its next call, as a
+        hung process would: that call (on the Ray path or the fast path, runtime/fastpath.py) and
+        every call behind it, and its peers' collectives, get no answer. Used by tests/faults to check
+        that the driver raises or recovers after parallel.timeout_s instead of hanging."""
+        self._stall_until = time.monotonic() + seconds
         return seconds
+
+    def _stall(self) -> None:
+        while time.monotonic() < self._stall_until:
+            time.sleep(min(1.0, self._stall_until - time.monotonic()))
 
 
 # The side group has its own thread; the default group keeps one thread and submission order.

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from layerpar.config import ConfigError, load_config, save_config
 from layerpar.data import DataError, batches, load_dataset
+from layerpar.data.augment import augment
 from layerpar.train.checkpoint import (
     CHECKPOINTS,
     CheckpointError,
@@ -75,6 +76,7 @@ def train_epoch(backend, split, cfg, *, epoch: int, skip: int, step: int, bar,
     for i, (x, y) in enumerate(order):
         if i < skip:  # resumed mid-epoch: these batches were trained before the checkpoint
             continue
+        x = augment(x, kind=cfg.data.augment, seed=cfg.data.seed, epoch=epoch, index=i)
         out = backend.train_step(x, y)
         losses.append(out["loss"])
         lr, done, step = out["lr"], i + 1, out["step"]

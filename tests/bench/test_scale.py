@@ -69,8 +69,19 @@ def test_tiny_sweep_files_schema_and_equal_logits(tmp_path, capsys):
         assert len(list(reader)) == len(rows)
     assert result["cost_model"] and all(m["extrapolation"] for m in result["cost_model"].values())
     assert max(e["W"] for m in result["cost_model"].values() for e in m["extrapolation"]) == 64
-    for key in ("layerpar_vs_pipeline_speedup", "layerpar_vs_reference_ratio", "logits_match"):
+    for key in ("layerpar_vs_pipeline_speedup", "layerpar_vs_reference_ratio", "logits_match",
+                "layerpar_depth_ratio", "vit_depth_ratio"):
         assert key in summary, key
+    # the depth ratios come from N = 1 / W = 1 and N = 2 / W = 2 measured side by side
+    pairs = result["depth_pair"]
+    assert summary["depth_ratios_from"] == "depth pair (interleaved)"
+    assert {(r["system"], r["N"], r["W"]) for r in pairs} == {
+        (s, n, n) for s in ("layerpar-collective", "layerpar-object_store") for n in (1, 2)} | {
+        ("vit-1dev", 1, 1), ("vit-1dev", 2, 1)}
+    assert all(r["logits_match"] for r in pairs)
+    two, one = (next(r["p50_ms"] for r in pairs if r["system"] == "layerpar-collective" and r["N"] == n)
+                for n in (2, 1))
+    assert math.isclose(summary["layerpar_depth_ratio"], two / one)
     assert summary["logits_match"] is True
     assert "## Headline" in (run_dir / "report.md").read_text()
 
@@ -117,7 +128,7 @@ def test_timing_summary():
 @pytest.mark.unit
 def test_cost_model_recovers_its_own_coefficients_and_judges_held_out_points():
     true = costmodel.CostModel(T_embed=1.0, t_branch=3.0, t_broadcast=0.5, r0=0.1, r1=0.4, d0=0.6,
-                               d1=0.2, T_head=0.05)
+                               d1=0.2, T_head=0.05, kappa=1.3)
     rows = []
     for n in (1, 2, 4, 8):
         for w in (1, 2, 4):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import ray
 import torch
 
 from layerpar.runtime import Engine, WorkerError
@@ -26,7 +27,7 @@ def test_hung_worker_is_restarted_and_the_call_answers(local_ray):
     x = images(4, seed=4)
     with Engine(fault_cfg(2)) as engine:
         healthy = engine.infer(x)
-        engine.workers[1].debug_stall.remote(600)  # rank 1 stops answering; rank 0 waits in the reduce
+        ray.get(engine.workers[1].debug_stall.remote(600))  # rank 1 hangs from its next call
         t0 = time.monotonic()
         out = engine.infer(x)
         elapsed = time.monotonic() - t0
@@ -43,7 +44,7 @@ def test_hung_worker_in_a_training_step_raises_then_refuses_clearly(local_ray):
     x, y = images(8, seed=5), torch.arange(8) % 4
     with Engine(fault_cfg(2), total_steps=10) as engine:
         engine.train_step(x, y)
-        engine.workers[0].debug_stall.remote(600)
+        ray.get(engine.workers[0].debug_stall.remote(600))
         t0 = time.monotonic()
         with pytest.raises(WorkerError, match=r"parallel.timeout_s=5s|collective failed"):
             engine.train_step(x, y)
