@@ -19,7 +19,8 @@ from layerpar.bench.harness import measure
 from layerpar.config import Config, load_config
 from layerpar.model import ParaFormer, ViT
 from layerpar.parallel.comm import LocalComm
-from layerpar.runtime.engine import Engine, connect
+from layerpar.runtime.cluster import connect
+from layerpar.runtime.engine import Engine
 from layerpar.train.optim import make_optimizer
 from layerpar.train.step import train_step
 

@@ -170,8 +170,7 @@ class Sweep:
             if "vit-pipeline" in s.systems:
                 pools = {w: PipelinePool(w) for w in within if w > 1}
             for n in s.branches:
-                ws = [w for w in within if w <= n]
-                if ws:
+                for ws in self._fitting([w for w in within if w <= n]):
                     self._cpu_point(n, ws, pools, seed)
         finally:
             for pool in pools.values():
@@ -190,13 +189,37 @@ class Sweep:
                     pool.close()
         self.rows.sort(key=lambda r: (r["W"], r["N"], r["batch"]))  # stable: systems keep their order
 
+    def _engines_per_point(self) -> int:
+        return sum(f"layerpar-{t}" in self.s.systems for t in ("collective", "object_store"))
+
+    def _capacity(self) -> int:
+        """Workers the connected cluster can hold at once (CPUs, or GPUs for GPU workers)."""
+        import ray
+
+        p, res = self.cfg.parallel, ray.cluster_resources()
+        if p.gpus_per_worker > 0:
+            return int(res.get("GPU", 0) / p.gpus_per_worker)
+        return int(res.get("CPU", 0) / max(p.cpus_per_worker, 1e-9))
+
+    def _fitting(self, ws: list[int]) -> list[list[int]]:
+        """ws split into groups whose engines fit the cluster together (one group when they do)."""
+        cap, per = self._capacity(), max(1, self._engines_per_point())
+        groups: list[list[int]] = []
+        for w in ws:
+            if groups and (sum(groups[-1]) + w) * per <= cap:
+                groups[-1].append(w)
+            else:
+                groups.append([w])
+        return groups
+
     def run_depth_pair(self) -> None:
         """The depth headline in one round-robin: N = 1 on W = 1 beside N = 2 on W = 2 (each
         transport) and the serial ViT 1 and 2 blocks deep, at every batch size: the sweep measures
         N = 1 and N = 2 minutes apart, and this machine's speed drifts by 20-30% over minutes."""
         s, seed = self.s, self.cfg.train.seed
-        if not ({1, 2} <= set(s.branches) and {1, 2} <= set(s.workers) and self.devices >= 2):
-            return
+        if not ({1, 2} <= set(s.branches) and {1, 2} <= set(s.workers) and self.devices >= 2
+                and 3 * self._engines_per_point() <= self._capacity()):
+            return  # the report then takes the depth ratios from the sweep's points, and says so
         members: dict[str, tuple[object, str, int, int]] = {}  # key -> (system, name, N, W)
         try:
             for t in ("collective", "object_store"):
@@ -288,10 +311,12 @@ def start_ray(address: str | None, settings: BenchSettings) -> bool:
     CPUs: more workers than cores is allowed and labelled oversubscribed). True if started here.
     Workers get the driver's priority, so the in-process baselines are compared fairly."""
     from layerpar.config import load_config
-    from layerpar.runtime.engine import connect
+    from layerpar.runtime.cluster import connect
 
     cfg = load_config(None, [f"parallel.address={address}"] if address else [])
-    return connect(cfg, min_cpus=2 * max(settings.workers) + 2)
+    # every W <= the cores of one N at once (both transports), or the depth pair, or the largest W
+    within = [w for w in settings.workers if w <= (settings.devices or os.cpu_count() or 1)]
+    return connect(cfg, min_cpus=2 * max(sum(within), 3, max(settings.workers)) + 2)
 
 
 def cluster_info(gpus_per_worker: float) -> dict:

@@ -11,9 +11,10 @@ Only training batches are augmented; validation and test images never are.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+
+from layerpar.data.base import seeded_generator
 
 CROP_PAD = 2
 
@@ -22,8 +23,7 @@ def augment(x: torch.Tensor, *, kind: str, seed: int, epoch: int, index: int) ->
     """(B, C, H, W) -> (B, C, H, W); the draws depend only on (seed, epoch, index)."""
     if kind == "none":
         return x
-    mixed = int(np.random.SeedSequence([seed, epoch, index, 7]).generate_state(1, np.uint64)[0])
-    g = torch.Generator().manual_seed(mixed)
+    g = seeded_generator(seed, epoch, index, 7)  # 7: apart from the shuffle's (seed, epoch) stream
     b, c, h, w = x.shape
     flip = torch.rand(b, generator=g) < 0.5
     x = torch.where(flip.view(b, 1, 1, 1), x.flip(-1), x)

@@ -55,6 +55,13 @@ class Splits:
     """(C, H, W) of the batches the model sees (after any resize)."""
 
 
+def seeded_generator(*parts: int) -> torch.Generator:
+    """A generator seeded by mixing `parts` (e.g. seed, epoch, batch) into one 64-bit seed: any
+    change in any part gives an unrelated stream."""
+    mixed = int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0])
+    return torch.Generator().manual_seed(mixed)
+
+
 def batches(split: Split, batch_size: int, *, seed: int, epoch: int, shuffle: bool = True,
             drop_last: bool = False, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (x (B, C, H, W), y (B,)) over the split; the order depends only on (seed, epoch).
@@ -64,10 +71,8 @@ def batches(split: Split, batch_size: int, *, seed: int, epoch: int, shuffle: bo
     if batch_size < 1:
         raise ValueError(f"batch_size ({batch_size}) must be >= 1")
     n = len(split)
-    if shuffle:
-        # mix (seed, epoch) into one 64-bit seed: neighbouring epochs get unrelated orders
-        mixed = int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0])
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(mixed))
+    if shuffle:  # neighbouring epochs get unrelated orders
+        order = torch.randperm(n, generator=seeded_generator(seed, epoch))
     else:
         order = torch.arange(n)
     stop = n - n % batch_size if drop_last else n

@@ -5,11 +5,12 @@
         engine.train_step(x, y)
         engine.save("runs/x/checkpoints/step_0000001", epoch=1)
 
-Inference: the driver puts the batch into the object store once (or, when every worker shares its
-node, into a shared-memory slot: runtime/shm.py) and hands every worker the same reference; every
-worker is dispatched before any result is awaited. With the `collective` transport the partial sums
-are reduced inside the worker group and rank 0 applies the head; with `object_store` each worker
-returns its (B, D) partial sum and the driver adds them in rank order.
+Inference: the driver hands every worker the same one copy of the batch and sends every request
+before awaiting any reply (runtime/transport.py: a shared-memory slot and the socket fast path when
+every worker shares its node, else the object store and one Ray call per worker). With the
+`collective` transport the partial sums are reduced inside the worker group and rank 0 applies the
+head; with `object_store` each worker returns its (B, D) partial sum and the driver adds them in
+rank order.
 
 Faults (docs/FAILURES.md): a worker that dies or does not answer within parallel.timeout_s is noticed
 by the call that needed it; a background Recovery (runtime/recovery.py) restarts it in its bundle,
@@ -22,74 +23,24 @@ A training step is not retried: it raises WorkerError and the run restarts from 
 
 from __future__ import annotations
 
-import logging
-import math
 import operator
-import os
 import threading
 import time
 import uuid
-from contextlib import contextmanager
 
 import ray
 import torch
-import torch.distributed as dist
 
-from layerpar.cluster_utils import resolve_address
 from layerpar.config import Config
 from layerpar.model.paraformer import make_head, ordered_sum, prefix_sums
 from layerpar.parallel.layout import BranchLayout
-from layerpar.runtime import shm
-from layerpar.runtime.fastpath import FastLane, FastPathError
+from layerpar.runtime.cluster import ClusterError, connect
 from layerpar.runtime.placement import bundle_strategy, place_workers, release
-from layerpar.runtime.recovery import MAX_TRIES, FaultHandling, WorkerError, kill
-from layerpar.runtime.shm import InputSlots
+from layerpar.runtime.recovery import MAX_TRIES, FaultHandling, WorkerError, is_comm_failure, kill
+from layerpar.runtime.transport import Transport, broadcast_ref, merge_timings
 from layerpar.runtime.worker import RemoteBranchWorker, as_tensor
 
 __all__ = ["ClusterError", "Engine", "WorkerError", "connect"]
-log = logging.getLogger("layerpar.runtime")
-
-
-class ClusterError(RuntimeError):
-    """The Ray cluster cannot be reached."""
-
-
-def connect(cfg: Config, *, min_cpus: int = 0) -> bool:
-    """Connect to the configured Ray cluster, or start a local one with room for every worker (at
-    least `min_cpus` logical CPUs); True when this call started it."""
-    if ray.is_initialized():
-        return False
-    # --address, else RAY_ADDRESS (ray job submit, KubeRay), else "auto" on a `ray up` head node
-    address = resolve_address(cfg.parallel.address)
-    if address:
-        try:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise ClusterError(
-                f"cannot reach the Ray cluster at {address!r} ({exc}); start one with "
-                "`ray start --head`, or leave parallel.address unset to run on a local Ray instance"
-            ) from None
-        return True
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only, see NOTES.md
-    # Ray starts workers at niceness 15: the branch workers do the model's work, so they get the
-    # same priority as the driver (read by the raylet when it starts).
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    need = max(min_cpus, math.ceil(cfg.parallel.workers * cfg.parallel.cpus_per_worker))
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
-             logging_level=logging.WARNING)
-    return True
-
-
-# Below this size a batch travels inside each task's arguments (Ray inlines small values), which
-# is cheaper than a trip through the object store; above it, it is put there once for every worker.
-INLINE_BYTES = 64 * 1024
-
-
-def broadcast_ref(value):
-    """The one copy of `value` every worker reads: an object-store reference, or the value itself
-    when it is small enough to ride in the task arguments."""
-    size = sum(a.nbytes for a in value) if isinstance(value, tuple) else value.nbytes
-    return value if size <= INLINE_BYTES else ray.put(value)
 
 
 class Engine(FaultHandling):
@@ -118,11 +69,8 @@ class Engine(FaultHandling):
         self._submit_lock = threading.Lock()
         self._init_faults()  # runtime/recovery.py
         self._owns_ray = connect(cfg)
-        self._node_id = _driver_node()
-        self._slots = InputSlots(f"layerpar-{self.id}") if cfg.parallel.shared_memory \
-            and shm.available() else None
-        self._lane = FastLane(enabled=self._slots is not None, timeout_s=self.timeout_s,
-                              startup_timeout_s=self.startup_timeout_s, tag=self.id)
+        self._transport = Transport(cfg.parallel, tag=self.id, timeout_s=self.timeout_s,
+                                    startup_timeout_s=self.startup_timeout_s)
         try:
             self._pg = place_workers(cfg.parallel)
             self._start_workers()
@@ -163,15 +111,13 @@ class Engine(FaultHandling):
             rec = self._recovery
         if rec is not None:  # let a nearly done recovery finish; a later one kills what it started
             rec.done.wait(5.0)
-        self._end_fast()
+        self._transport.close()
         for w in self.workers:
             kill(w)
         self.workers = []
         self._snapshot = None
         release(self._pg)
         self._pg = None
-        if self._slots is not None:
-            self._slots.close()
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
         self._owns_ray = False
@@ -193,7 +139,7 @@ class Engine(FaultHandling):
         except ray.exceptions.RayActorError as exc:
             raise WorkerError(f"a branch worker died: {str(exc).splitlines()[0]}") from None
         except ray.exceptions.RayTaskError as exc:
-            if not _is_comm_failure(exc.cause):
+            if not is_comm_failure(exc.cause):
                 raise
             raise WorkerError(f"a collective failed (a peer died or hung): "
                               f"{str(exc.cause).splitlines()[0][:300]}") from None
@@ -240,7 +186,8 @@ class Engine(FaultHandling):
         surviving workers' branches (head of their sum, in branch order), marked degraded."""
         x, k = self.check_input(x), self._num_branches(num_branches)
         t0 = time.perf_counter()
-        with self._broadcast(x.numpy()) as ref:  # one copy for every worker, and for every retry
+        # one copy for every worker, and for every retry
+        with self._transport.broadcast(x.numpy(), self.placement) as ref:
             broadcast_s = time.perf_counter() - t0
             last: WorkerError | None = None
             for _ in range(MAX_TRIES):
@@ -258,31 +205,14 @@ class Engine(FaultHandling):
                     self._begin_recovery(str(exc))
             raise last
 
-    @contextmanager
-    def _broadcast(self, array):
-        """The one copy of a batch every worker reads during a call: the array itself when small
-        (it rides in the request), a shared-memory slot when every worker is on this node
-        (runtime/shm.py), else an object-store reference."""
-        if self._slots is None or array.nbytes <= INLINE_BYTES or not self._same_node():
-            yield broadcast_ref(array)
-            return
-        with self._slots.hold(array) as ref:
-            yield ref
-
-    def _same_node(self) -> bool:
-        return self._node_id is not None and all(
-            p.get("node_id") == self._node_id for p in self.placement)
-
     def _infer(self, workers: list, ref, x: torch.Tensor, k: int, broadcast_s: float) -> torch.Tensor:
         if self._state == "snapshot" and self._snapshot is None:
             self._take_snapshot()  # first inference after training: what a restart would restore
         t1 = time.perf_counter()
         t0 = t1 - broadcast_s
         r = self.layout.participants(k)
-        outs = None
-        if not isinstance(ref, ray.ObjectRef) and self._same_node():
-            outs = self._fast_call(workers, r, ("infer", ref, k, self.collective))
-        if outs is None:
+        outs = self._transport.fast_call(workers, self.placement, r, ("infer", ref, k, self.collective))
+        if outs is None:  # not all on this node: one Ray call per worker
             with self._submit_lock:
                 refs = [w.infer.remote(ref, k, self.collective) for w in workers[:r]]  # dispatch all
             outs = self._get(refs)  # ... then wait once
@@ -304,26 +234,9 @@ class Engine(FaultHandling):
                            "result": logits.numel() * 4}
         return logits
 
-    def _fast_call(self, workers: list, ranks: int, msg: tuple) -> list[tuple] | None:
-        """One request to ranks 0..ranks-1 over the fast path, replies as (out, timings) like a Ray
-        call's; None when the fast path cannot run (the caller goes through Ray)."""
-        try:
-            replies = self._lane.call(workers, ranks, msg)
-        except FastPathError as exc:
-            raise WorkerError(str(exc)) from None
-        if replies is None:
-            return None
-        for reply in replies:
-            if reply[0] == "error":
-                cause = RuntimeError(reply[1])
-                if _is_comm_failure(cause):
-                    raise WorkerError(f"a collective failed (a peer died or hung): {reply[1][:300]}")
-                raise cause
-        return [reply[1:] for reply in replies]
-
     def _end_fast(self) -> None:
         """Give the workers' default threads back (before any other call that needs them)."""
-        self._lane.end()
+        self._transport.end_fast()
 
     def _make_head(self, state: dict) -> torch.nn.Module:
         head = make_head(self.cfg.model, self.cfg.train.seed)
@@ -339,7 +252,7 @@ class Engine(FaultHandling):
     @torch.no_grad()
     def prefix_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of every prefix model k = 1..N in one pass: (N, B, classes)."""
-        with self._broadcast(self.check_input(x).numpy()) as ref:
+        with self._transport.broadcast(self.check_input(x).numpy(), self.placement) as ref:
 
             def call(workers):
                 outs = self._get([w.branch_outputs.remote(ref) for w in workers])
@@ -454,36 +367,3 @@ class Engine(FaultHandling):
     def worker_pids(self) -> list[int]:
         """Process id of every worker, by rank (launch/chaos.py kills them)."""
         return [int(p["pid"]) for p in self.placement]
-
-
-def _driver_node() -> str | None:
-    """This process's Ray node id; None where it has none (a Ray Client driver): then no worker
-    counts as local and everything goes through Ray."""
-    try:
-        return ray.get_runtime_context().get_node_id()
-    except Exception:  # noqa: BLE001 - Ray Client raises here
-        return None
-
-
-def merge_timings(per_worker: list[dict[str, float]]) -> dict[str, float]:
-    """One phase split from every worker's own: embed and compute of the slowest worker; the reduce
-    of the last worker to reach it (the collective itself; earlier arrivals only wait, and that
-    wait is the slower workers' compute or a later start, counted there or in dispatch); the head
-    of rank 0, the only one that runs it."""
-    out = {p: max(t[p] for t in per_worker) for p in ("embed", "compute")}
-    reduces = [t["reduce"] for t in per_worker if "reduce" in t]
-    if reduces:
-        out["reduce"] = min(reduces)
-    heads = [t["head"] for t in per_worker if "head" in t]
-    if heads:
-        out["head"] = heads[0]
-    return out
-
-
-def _is_comm_failure(cause: BaseException | None) -> bool:
-    """Did a worker's collective fail because a peer died or hung (not a bug in the call)?"""
-    if isinstance(cause, dist.DistError):
-        return True
-    text = str(cause)
-    return isinstance(cause, RuntimeError) and any(
-        s in text for s in ("gloo", "Connection closed", "Connection reset", "Timed out", "NCCL"))

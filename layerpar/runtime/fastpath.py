@@ -109,6 +109,8 @@ class FastPath:
                 conn, _ = listener.accept()
                 conn.settimeout(startup_timeout_s)
                 rank = recv(conn)
+                if not isinstance(rank, int) or rank in self.conns:
+                    raise OSError(f"a worker sent {rank!r} instead of a new rank")
                 conn.settimeout(timeout_s)
                 self.conns[rank] = conn
         except (OSError, pickle.PickleError) as exc:

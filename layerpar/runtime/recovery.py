@@ -30,6 +30,7 @@ from pathlib import Path
 
 import ray
 import torch
+import torch.distributed as dist
 
 from layerpar.model.paraformer import ordered_sum
 from layerpar.runtime.worker import as_tensor
@@ -42,6 +43,15 @@ MAX_TRIES = 3  # tries of one idempotent call: the first, plus up to two recover
 
 class WorkerError(RuntimeError):
     """A worker died or did not answer in time."""
+
+
+def is_comm_failure(cause: BaseException | None) -> bool:
+    """Did a worker's collective fail because a peer died or hung (not a bug in the call)?"""
+    if isinstance(cause, dist.DistError):
+        return True
+    text = str(cause)
+    return isinstance(cause, RuntimeError) and any(
+        s in text for s in ("gloo", "Connection closed", "Connection reset", "Timed out", "NCCL"))
 
 
 class RecoveryError(RuntimeError):

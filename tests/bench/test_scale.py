@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,11 +31,14 @@ def _last_json(text: str) -> dict:
 
 
 @pytest.mark.ray
-def test_tiny_sweep_files_schema_and_equal_logits(tmp_path, capsys):
-    from layerpar.bench.scale import cli_main
-
-    assert cli_main(["--preset", "tiny", "--out-dir", str(tmp_path)]) == 0
-    summary = _last_json(capsys.readouterr().out)
+def test_tiny_sweep_files_schema_and_equal_logits(tmp_path):
+    # its own process, so it starts its own local Ray sized for the sweep (as launch/scale.py does),
+    # whatever Ray instance another tier's fixture left in this one
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "launch/scale.py", "--preset", "tiny", "--out-dir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = _last_json(proc.stdout)
     run_dir = tmp_path / summary["run_dir"].rsplit("/", 1)[-1]
     for name in ("results.csv", "results.json", "report.md", "latency_vs_n.png", "speedup_vs_w.png",
                  "measured_vs_predicted.png"):
