@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from layerpar.model.blocks import block_forward
+from layerpar.model.blocks import block_forward, cls_blocks_shared_input
 
 # On CPU, branches with at least this many activation elements (B*T*D) run one by one (see above).
 LOOP_MIN_ELEMENTS = 32768
@@ -79,10 +79,14 @@ class FusedBranchStack:
     def __call__(self, x0: torch.Tensor, *, cls_only: bool = False) -> torch.Tensor:
         """x0 (B, T, D), read by every branch -> (K, B, T, D), one output per branch;
         (K, B, 1, D) with cls_only (the last block computes the CLS row alone)."""
+        training = self.branches[0].training
+        depth = len(self.branches[0].blocks)
         # one branch has nothing to batch: stacking its weights would only add copies
+        if len(self.branches) > 1 and cls_only and depth == 1:  # never copies x0 K times
+            return cls_blocks_shared_input(self.stacked_weights()[0], x0, heads=self.heads,
+                                           style=self.style, dropout=self.dropout, training=training)
         if len(self.branches) == 1 or (x0.device.type == "cpu" and x0.numel() >= LOOP_MIN_ELEMENTS):
             return torch.stack([br(x0, cls_only=cls_only) for br in self.branches])
-        training = self.branches[0].training
         h = x0.unsqueeze(0).expand(len(self.branches), *x0.shape)  # (K, B, T, D)
         layers = self.stacked_weights()
         for i, weights in enumerate(layers):

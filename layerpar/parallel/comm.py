@@ -49,7 +49,7 @@ class LocalComm:
 def _sq_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     if not grads:
         return torch.zeros((), dtype=torch.float32)
-    return torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
+    return torch.stack(torch._foreach_norm([g.detach().float() for g in grads])).square().sum()
 
 
 def _padded(outputs: torch.Tensor, counts: list[int]) -> torch.Tensor:

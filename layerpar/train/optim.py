@@ -38,7 +38,7 @@ def make_optimizer(model: nn.Module, tcfg) -> torch.optim.AdamW:
             (decay if decays(name, p) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": tcfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=tcfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=tcfg.lr, betas=(0.9, 0.999), eps=1e-8, foreach=True)
 
 
 def lr_at(step: int, total_steps: int, tcfg) -> float:

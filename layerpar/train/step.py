@@ -20,8 +20,8 @@ from layerpar.train.optim import lr_at, set_lr
 def _clip(params: list[nn.Parameter], norm: torch.Tensor, max_norm: float) -> None:
     """Scale gradients as torch.nn.utils.clip_grad_norm_ does, from a norm computed elsewhere."""
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    for p in params:
-        p.grad.mul_(coef.to(p.grad.device))
+    if params:
+        torch._foreach_mul_([p.grad for p in params], coef.to(params[0].grad.device))
 
 
 def prefix_plan(cfg) -> list[int]:

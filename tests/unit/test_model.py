@@ -52,6 +52,32 @@ def test_fused_stack_equals_loop_forward_and_grads(style, qkv_bias):
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize("style", ["prenorm", "reference"])
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_depth1_cls_branches_equal_full_blocks_forward_and_grads(style, qkv_bias):
+    """Depth-1 branches of a CLS-pooled model run together on the shared x0: one LayerNorm
+    normalisation, its per-branch affine folded into single-query attention, keys and values never
+    projected. Outputs and every gradient (the embedding's included) equal row 0 of the full blocks."""
+    m = ParaFormer(model_cfg(style=style, qkv_bias=qkv_bias, branch_depth=1, pool="cls"), seed=2)
+    with torch.no_grad():  # away from the init (unit LayerNorm affine, zero biases) the fold shows
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ids = m.branch_ids
+    weights = torch.randn(len(ids), 3, m.cfg.dim)
+    outs, grads = [], []
+    for run in (lambda x0: m.branch_outputs(x0, ids),  # the shared-input path
+                lambda x0: torch.stack([m.branch(b)(x0)[:, 0] for b in ids])):  # every row, row 0
+        m.zero_grad(set_to_none=True)
+        out = run(m.embed(images()))
+        (out * weights).mean().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=0)
+    assert grads[0].keys() == grads[1].keys() and any(n.startswith("embed.") for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=0, msg=name)
+
+
 def test_fused_cache_follows_weight_updates():
     m = ParaFormer(model_cfg(), seed=0)
     x = images()
