@@ -54,8 +54,8 @@ def attention(p: dict[str, torch.Tensor], h: torch.Tensor, heads: int) -> torch.
 
 def _pool_rows(rows: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Softmax pooling of rows (..., B, T, D) by score vectors u (..., B, G, D) -> (..., B, G, D)."""
-    a = torch.einsum("...btd,...bgd->...bgt", rows, u).softmax(dim=-1)
-    return torch.einsum("...bgt,...btd->...bgd", a, rows)
+    a = torch.matmul(u, rows.transpose(-1, -2)).softmax(dim=-1)  # (..., B, G, T)
+    return torch.matmul(a, rows)
 
 
 def attention_cls(p: dict[str, torch.Tensor], n: torch.Tensor, heads: int, *,
@@ -83,7 +83,7 @@ def attention_cls(p: dict[str, torch.Tensor], n: torch.Tensor, heads: int, *,
     wv = w[..., 2 * inner:, :].reshape(*w.shape[:-2], heads, dh, d)
     q = linear(query, w[..., :inner, :], None if b is None else b[..., :inner])  # (..., B, 1, A)
     q = q.reshape(*lead, heads, dh) * dh ** -0.5  # (..., B, H, dh), scaled as in sdpa
-    u = torch.einsum("...bhe,...hed->...bhd", q, wk)  # (..., B, H, D): Wk^T q per head
+    u = torch.matmul(q.transpose(-2, -3), wk).transpose(-2, -3)  # (..., B, H, D): Wk^T q per head
     if affine is None:
         mix = _pool_rows(n, u)  # (..., B, H, D): sum_j a_j n_j
     else:  # all K blocks' heads score the shared rows in one product: (B, K*H, D)
@@ -91,7 +91,8 @@ def attention_cls(p: dict[str, torch.Tensor], n: torch.Tensor, heads: int, *,
         k, bsz = u.shape[0], u.shape[1]
         ug = (u * gamma).transpose(0, 1).reshape(bsz, k * heads, d)
         mix = _pool_rows(n, ug).reshape(bsz, k, heads, d).transpose(0, 1) * gamma + beta
-    out = torch.einsum("...bhd,...hed->...bhe", mix, wv).reshape(*lead, 1, inner)  # (..., B, 1, A)
+    out = torch.matmul(mix.transpose(-2, -3), wv.transpose(-1, -2))  # (..., H, B, dh): Wv per head
+    out = out.transpose(-2, -3).reshape(*lead, 1, inner)  # (..., B, 1, A)
     if b is not None:  # value bias: (A,) or stacked (K, A) -> (K, 1, 1, A)
         bv = b[..., 2 * inner:]
         out = out + (bv if bv.dim() == 1 else bv[:, None, None, :])
