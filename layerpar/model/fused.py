@@ -9,6 +9,10 @@ On a CPU, once a branch's activations are large (B*T*D >= LOOP_MIN_ELEMENTS) one
 is faster than the batched matmuls (each branch's working set stays in cache; measured at width
 192 and 197 tokens: 30 vs 35 ms for 8 branches at batch 1, 139 vs 218 ms at batch 8), so the stack
 runs its branches in a loop there: the same math, the same outputs.
+
+Depth-1 branches of a CLS-pooled model take neither route: every branch is one block reading the same
+x0 and only its CLS row is needed, so `cls_blocks_shared_input` normalises x0 once and scores it with
+all branches' heads in one product (no K copies of x0, no key/value projections), at any size.
 """
 
 from __future__ import annotations
@@ -80,11 +84,11 @@ class FusedBranchStack:
         """x0 (B, T, D), read by every branch -> (K, B, T, D), one output per branch;
         (K, B, 1, D) with cls_only (the last block computes the CLS row alone)."""
         training = self.branches[0].training
-        depth = len(self.branches[0].blocks)
-        # one branch has nothing to batch: stacking its weights would only add copies
-        if len(self.branches) > 1 and cls_only and depth == 1:  # never copies x0 K times
+        shared_input = cls_only and len(self.branches[0].blocks) == 1  # see the module docstring
+        if len(self.branches) > 1 and shared_input:
             return cls_blocks_shared_input(self.stacked_weights()[0], x0, heads=self.heads,
                                            style=self.style, dropout=self.dropout, training=training)
+        # one branch has nothing to batch: stacking its weights would only add copies
         if len(self.branches) == 1 or (x0.device.type == "cpu" and x0.numel() >= LOOP_MIN_ELEMENTS):
             return torch.stack([br(x0, cls_only=cls_only) for br in self.branches])
         h = x0.unsqueeze(0).expand(len(self.branches), *x0.shape)  # (K, B, T, D)
