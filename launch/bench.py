@@ -9,7 +9,7 @@ independence, measured in one run; the last stdout line is one JSON object.
 import os
 import sys
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray stays on loopback (NOTES.md)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray stays on loopback (docs/CLUSTER.md)
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from layerpar.bench.runtime_bench import cli_main  # noqa: E402

@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray stays on loopback (NOTES.md)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray stays on loopback (docs/CLUSTER.md)
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 NAME = re.compile(r"^layerpar-(?P<engine>[0-9a-f]+)-w(?P<rank>\d+)\.(?P<gen>\d+)$")

@@ -23,6 +23,7 @@ from layerpar.config_rules import (  # noqa: F401 - re-exported: the rules live 
     BLOCK_STYLES,
     DATASETS,
     DEGRADED,
+    DTYPES,
     MODEL_KINDS,
     PLACEMENTS,
     POOLS,
@@ -68,6 +69,10 @@ class ModelConfig:
     full-size steps and runs stop being reproducible across worker layouts."""
     dropout: float = 0.0
     """Dropout inside blocks; 0 keeps distributed runs bit-comparable with single-process ones."""
+    dtype: str = "float32"
+    """Parameter and compute dtype: `float32`, or `float64` to prove the distributed algebra equal to
+    the single-process one at ~1e-16 rounding (the parity tests use it). Inputs stay float32 on the
+    wire and are cast by the embedding; checkpoints load into either dtype."""
 
     @property
     def num_tokens(self) -> int:
@@ -86,7 +91,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     name: str = "digits"
-    """digits (ships with scikit-learn), fashion_mnist, cifar10, cifar100 (local files), synthetic."""
+    """digits (ships with scikit-learn), fashion_mnist, cifar10, cifar100 (local files), synthetic,
+    folder (your own images: data.root/train/<class>/*.png|jpg and data.root/test/<class>/...)."""
     root: str | None = None
     """Directory with the dataset files; None means the dataset's default location."""
     seed: int = 0
@@ -128,6 +134,10 @@ class TrainConfig:
     """torch threads in a single-process run (0 = torch's default)."""
     out_dir: str = "runs"
     """Directory under which each run's directory is created."""
+    storage: str | None = None
+    """Where a distributed run (parallel.workers >= 1) keeps its checkpoints: any path or URI Ray
+    Train accepts (`/mnt/nfs/runs`, `s3://bucket/runs`); they go to STORAGE/<run name>/checkpoints.
+    None: the run directory's parent, so they land in RUN_DIR/checkpoints."""
     checkpoint_every: int = 1
     """Write a checkpoint every n epochs (and always at the end)."""
     keep_checkpoints: int = 2
@@ -156,7 +166,16 @@ class ParallelConfig:
     threads_per_worker: int = 1
     """torch threads inside each worker."""
     timeout_s: float = 120.0
-    """Longest wait for a collective or a worker call before the engine treats a worker as lost."""
+    """Training's timeout: the process group's collective timeout (gloo/NCCL) and the longest wait for
+    a training step, a load, a save or a state read before the engine treats a worker as lost.
+    Inference calls use call_timeout_s."""
+    call_timeout_s: float = 30.0
+    """Longest wait for one inference call (every worker's reply shares this one deadline) before the
+    engine treats its workers as lost and recovers; catches a worker whose process answers heartbeats
+    but whose call never returns. Serving answers or fails within it plus the recovery time."""
+    heartbeat_s: float = 3.0
+    """A worker whose side thread leaves a ping unanswered this long counts as stopped (SIGSTOP, a
+    frozen host) and is restarted; while a call waits on a worker it pings it every heartbeat_s / 3."""
     placement_timeout_s: float = 30.0
     """Longest wait for the cluster to place every worker."""
     address: str | None = None
@@ -173,6 +192,8 @@ class ServeConfig:
     """gRPC port (0 picks a free one)."""
     metrics_port: int = 0
     """Prometheus metrics HTTP port (0 picks a free one, -1 disables)."""
+    metrics_host: str = "127.0.0.1"
+    """Address the metrics endpoint binds; loopback unless told otherwise (independent of host)."""
     max_batch: int = 64
     """Largest merged batch one engine call runs."""
     max_wait_ms: float = 5.0
@@ -185,8 +206,13 @@ class ServeConfig:
     """Largest gRPC message sent or received."""
     degraded: str = "wait"
     """On a lost worker: `wait` for recovery, or `allow` answers from the surviving branches."""
-    token: str | None = None
-    """Bearer token required on every call (None: no token)."""
+    token_file: str | None = None
+    """File holding the bearer token that calls must send (else env LAYERPAR_SERVE_TOKEN; neither:
+    no token). The token itself is never a config value: configs reach workers, config.yaml and
+    checkpoint manifests."""
+    health_auth: str = "open"
+    """With a token: `open` leaves health and reflection callable without it (Kubernetes' gRPC probes
+    send no metadata), `token` requires it there too. Predict and ModelInfo always require it."""
     tls_cert: str | None = None
     """PEM certificate for TLS (with tls_key)."""
     tls_key: str | None = None
@@ -278,8 +304,20 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _without_token(raw: Any) -> Any:
+    """serve.token left the config (it was copied to workers, config.yaml and manifests): the null
+    one older run files hold is dropped; a set one is refused, so no server runs open by surprise."""
+    serve = raw.get("serve") if isinstance(raw, dict) else None
+    if not isinstance(serve, dict) or "token" not in serve:
+        return raw
+    if serve["token"] is not None:
+        raise ConfigError("serve.token is no longer a config value (configs are copied to workers and "
+                          "into run files): export LAYERPAR_SERVE_TOKEN or set serve.token_file instead")
+    return {**raw, "serve": {k: v for k, v in serve.items() if k != "token"}}
+
+
 def from_dict(raw: dict[str, Any]) -> Config:
-    cfg = _build(Config, raw, "")
+    cfg = _build(Config, _without_token(raw), "")
     validate(cfg)
     return cfg
 

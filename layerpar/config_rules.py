@@ -17,12 +17,14 @@ class ConfigError(ValueError):
 MODEL_KINDS = ("paraformer", "vit")
 BLOCK_STYLES = ("prenorm", "reference")
 POOLS = ("cls", "mean")
+DTYPES = ("float32", "float64")
 AUGMENTS = ("none", "flip", "flip_crop")
-DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "synthetic")
+DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "synthetic", "folder")
 TRAIN_MODES = ("joint", "progressive")
 TRANSPORTS = ("collective", "object_store")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 DEGRADED = ("wait", "allow")
+HEALTH_AUTH = ("open", "token")
 
 
 def _one_of(name: str, value: Any, allowed: tuple) -> None:
@@ -41,6 +43,7 @@ def validate(cfg: Config) -> None:
     _one_of("model.kind", m.kind, MODEL_KINDS)
     _one_of("model.style", m.style, BLOCK_STYLES)
     _one_of("model.pool", m.pool, POOLS)
+    _one_of("model.dtype", m.dtype, DTYPES)
     for name in ("image_size", "in_channels", "patch_size", "dim", "heads", "mlp_dim",
                  "num_branches", "branch_depth"):
         _at_least(f"model.{name}", getattr(m, name), 1)
@@ -94,6 +97,9 @@ def validate(cfg: Config) -> None:
     _at_least("parallel.threads_per_worker", p.threads_per_worker, 1)
     if p.timeout_s <= 0 or p.placement_timeout_s <= 0:
         raise ConfigError("parallel.timeout_s and parallel.placement_timeout_s must be > 0")
+    for name in ("call_timeout_s", "heartbeat_s"):
+        if getattr(p, name) <= 0:
+            raise ConfigError(f"parallel.{name} ({getattr(p, name)!r}) must be > 0")
     if not 0 <= s.port <= 65535:
         raise ConfigError(f"serve.port ({s.port}) must be in 0..65535")
     if not -1 <= s.metrics_port <= 65535:
@@ -102,6 +108,7 @@ def validate(cfg: Config) -> None:
         _at_least(f"serve.{name}", getattr(s, name), 1)
     _at_least("serve.max_wait_ms", s.max_wait_ms, 0)
     _one_of("serve.degraded", s.degraded, DEGRADED)
+    _one_of("serve.health_auth", s.health_auth, HEALTH_AUTH)
     _at_least("serve.retries", s.retries, 0)
     if s.drain_timeout_s < 0 or s.health_interval_s <= 0:
         raise ConfigError("serve.drain_timeout_s must be >= 0 and serve.health_interval_s must be > 0")

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-# Ray listens on loopback only and its CLI clients send the auth token (NOTES.md): set before any
-# test imports ray, in this process and every process it starts.
+# Ray listens on loopback only and its CLI clients send the auth token (docs/CLUSTER.md): set before
+# any test imports ray, in this process and every process it starts.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 

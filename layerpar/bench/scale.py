@@ -374,7 +374,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", default="runs", help="directory under which the run dir is made")
     ap.add_argument("--address", default=None, help="Ray cluster address (auto, ray://host:10001)")
     args = ap.parse_args(argv)
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only (NOTES.md)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only (docs/CLUSTER.md)
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     command = shlex.join(["python", "launch/scale.py", *argv])
     try:

@@ -15,6 +15,11 @@ def seeded(seed: int, *tags: int) -> torch.Generator:
     return g
 
 
+def torch_dtype(cfg) -> torch.dtype:
+    """The parameter dtype a model config asks for (`model.dtype`)."""
+    return {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
+
+
 def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, N, p*p*C), patches row-major, pixels flattened in (p1 p2 c) order."""
     b, c, h, w = x.shape
@@ -39,6 +44,7 @@ class PatchEmbed(nn.Module):
         nn.init.trunc_normal_(self.pos, std=0.02, generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.proj.weight.dtype)  # float32 on the wire; a float64 model computes in float64
         tokens = self.proj(patchify(x, self.patch_size))  # (B, N, D)
         cls = self.cls.expand(tokens.shape[0], -1, -1)  # (B, 1, D)
         return torch.cat([cls, tokens], dim=1) + self.pos  # (B, T, D)

@@ -18,7 +18,7 @@ from torch import nn
 
 from layerpar.model.blocks import make_block
 from layerpar.model.fused import Branch, FusedBranchStack
-from layerpar.model.layers import Head, PatchEmbed, pool, seeded
+from layerpar.model.layers import Head, PatchEmbed, pool, seeded, torch_dtype
 
 EMBED_TAG, HEAD_TAG, BRANCH_TAG = 1, 2, 3
 
@@ -41,18 +41,22 @@ def prefix_sums(outputs: torch.Tensor) -> torch.Tensor:
     return torch.stack(sums)
 
 
+# Each piece is drawn in float32 and then cast to model.dtype: the same weights in either dtype.
+
+
 def make_embed(cfg, seed: int) -> PatchEmbed:
     return PatchEmbed(image_size=cfg.image_size, patch_size=cfg.patch_size,
-                      in_channels=cfg.in_channels, dim=cfg.dim, generator=seeded(seed, EMBED_TAG))
+                      in_channels=cfg.in_channels, dim=cfg.dim,
+                      generator=seeded(seed, EMBED_TAG)).to(torch_dtype(cfg))
 
 
 def make_head(cfg, seed: int) -> Head:
-    return Head(cfg.dim, cfg.num_classes, generator=seeded(seed, HEAD_TAG))
+    return Head(cfg.dim, cfg.num_classes, generator=seeded(seed, HEAD_TAG)).to(torch_dtype(cfg))
 
 
 def make_branch(cfg, seed: int, branch_id: int) -> Branch:
     g = seeded(seed, BRANCH_TAG, branch_id)
-    return Branch([make_block(cfg, g) for _ in range(cfg.branch_depth)])
+    return Branch([make_block(cfg, g) for _ in range(cfg.branch_depth)]).to(torch_dtype(cfg))
 
 
 class ParaFormer(nn.Module):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from layerpar.model.blocks import make_block
-from layerpar.model.layers import pool, seeded
+from layerpar.model.layers import pool, seeded, torch_dtype
 from layerpar.model.paraformer import BRANCH_TAG, make_embed, make_head
 
 
@@ -19,6 +19,7 @@ class ViT(nn.Module):
         self.embed = make_embed(cfg, seed)
         self.blocks = nn.ModuleList([make_block(cfg, g) for _ in range(depth)])
         self.head = make_head(cfg, seed)
+        self.to(torch_dtype(cfg))  # initialised in float32 first: the same draws in either dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, classes)
         h = self.embed(x)  # (B, T, D)

@@ -1,6 +1,10 @@
-"""Every collective of layerpar, each a named verb. The only file that calls torch.distributed.
+"""Every collective of the layer-parallel runtime, each a named verb: the only file that runs
+collectives on the workers' process group. Elsewhere torch.distributed is only set up or inspected --
+parallel/process_group.py creates and destroys the group (init/new_group/destroy), runtime/recovery.py
+reads its error type -- except bench/pipeline.py, a benchmark baseline (the pipelined ViT) with its
+own process group, its own start broadcast and torch.distributed.pipelining's send/recv.
 
-The autograd algebra of a layer-parallel Para-Former (DESIGN.md section 3):
+The autograd algebra of a layer-parallel Para-Former (README.md, "The layer-parallel runtime"):
 
     forward:  x is broadcast to every worker;      y = sum_w p_w        (reduce_branch_sums;
               inference: gather_branch_sums, y on rank 0 only)
@@ -42,14 +46,31 @@ class LocalComm:
                          ) -> torch.Tensor:
         return _sq_norm(list(owned) + list(replicated)).sqrt()
 
+    def sum_replicated_grads_and_owned_sq(self, params: Iterable[torch.nn.Parameter],
+                                          owned: Iterable[torch.Tensor]) -> torch.Tensor:
+        return _sq_norm(list(owned))
+
+    def all_branch_rows(self, outputs: torch.Tensor) -> torch.Tensor:
+        return outputs
+
+    def share_objects(self, obj) -> list:
+        return [obj]
+
+    def any_true(self, flag: bool) -> bool:
+        return bool(flag)
+
     def barrier(self) -> None:
         return None
 
 
 def _sq_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of squared norms as a float64 scalar on every rank, whatever the gradients' dtype: ranks
+    all-reduce it together, so its dtype must not depend on which gradients a rank holds (a rank with
+    no trainable branch in a prefix step has none), and float64 adds no rounding to a float64 run."""
     if not grads:
-        return torch.zeros((), dtype=torch.float32)
-    return torch.stack(torch._foreach_norm([g.detach().float() for g in grads])).square().sum()
+        return torch.zeros((), dtype=torch.float64)
+    wide = [g.detach() if g.dtype == torch.float64 else g.detach().float() for g in grads]
+    return torch.stack(torch._foreach_norm(wide)).double().square().sum()
 
 
 def _padded(outputs: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -142,8 +163,55 @@ class GroupComm:
         dist.all_reduce(owned_sq, group=self.group)  # blocks until every rank contributes
         return (owned_sq + _sq_norm(list(replicated)).to(owned_sq.device)).sqrt()
 
+    def sum_replicated_grads_and_owned_sq(self, params: Iterable[torch.nn.Parameter],
+                                          owned: Iterable[torch.Tensor]) -> torch.Tensor:
+        """sum_replicated_grads and the owned half of global_grad_norm in ONE all-reduce: the
+        squared norm of this rank's own gradients rides at the end of the flat replicated gradients
+        (a collective costs ~1 ms of latency here, its few KB nothing). Returns the sum over ranks
+        of the owned squared norms; the caller adds the replicated gradients' squared norm once."""
+        params = list(params)
+        owned_sq = _sq_norm(list(owned))
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        # the buffer takes the gradients' dtype (the norm only sets the clip factor; a float64
+        # run stays float64); every rank must use the same dtype, which the model's dtype fixes
+        wide = grads[0].dtype if grads else torch.float64
+        device = grads[0].device if grads else _device()
+        flat = torch.cat([g.reshape(-1).to(wide) for g in grads]
+                         + [owned_sq.to(device=device, dtype=wide).reshape(1)])
+        dist.all_reduce(flat, group=self.group)  # blocks until every rank contributes
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype).clone()
+            offset += n
+        return flat[-1].to(torch.float64)
+
+    def all_branch_rows(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Evaluation: every rank's pooled rows of all its branches (K_w, B, D) -> all N rows
+        (N, B, D) in branch order, on every rank (one all_gather; no autograd)."""
+        counts = self._counts(None)
+        padded = _padded(outputs, counts)
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded, group=self.group)
+        return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])
+
+    def share_objects(self, obj) -> list:
+        """Every rank's small picklable object, in rank order, on every rank (checkpoint hashes,
+        per-rank timings)."""
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def any_true(self, flag: bool) -> bool:
+        """True on every rank if any rank's flag is true (ranks agree on stopping early)."""
+        t = torch.tensor([1.0 if flag else 0.0], device=_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item() > 0)
+
     def gather_rows(self, rows: torch.Tensor) -> list[torch.Tensor]:
-        """Every worker's tensor of the same shape, in rank order (used for evaluation and checks)."""
+        """Every worker's tensor of the same shape, in rank order. Nothing calls it at present
+        (evaluation's prefix logits collect the branch rows through Ray: Engine.prefix_logits); a
+        later clean-up removes it."""
         parts = [torch.empty_like(rows) for _ in range(self.world_size)]
         dist.all_gather(parts, rows.contiguous(), group=self.group)
         return parts

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerpar.model import ParaFormer
+from layerpar.parallel.comm import _sq_norm
 from layerpar.train.optim import lr_at, set_lr
 
 
@@ -21,7 +22,8 @@ def _clip(params: list[nn.Parameter], norm: torch.Tensor, max_norm: float) -> No
     """Scale gradients as torch.nn.utils.clip_grad_norm_ does, from a norm computed elsewhere."""
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     if params:
-        torch._foreach_mul_([p.grad for p in params], coef.to(params[0].grad.device))
+        grad = params[0].grad
+        torch._foreach_mul_([p.grad for p in params], coef.to(grad.device, grad.dtype))
 
 
 def prefix_plan(cfg) -> list[int]:
@@ -53,12 +55,14 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, comm, x: torch.Tens
         loss = F.cross_entropy(logits, y, label_smoothing=tcfg.label_smoothing)
         if loss.requires_grad:  # false on a worker whose branches are all frozen
             loss.backward()
-        if isinstance(model, ParaFormer):
-            comm.sum_replicated_grads(model.embed.parameters())  # head grads already agree
         ids = set(map(id, replicated))
         owned = [p for p in model.parameters() if p.grad is not None and id(p) not in ids]
-        norm = comm.global_grad_norm([p.grad for p in owned],
-                                     [p.grad for p in replicated if p.grad is not None])
+        # one all-reduce: the embedding's gradients summed over ranks (head grads already agree),
+        # with each rank's squared norm of its own gradients riding along
+        embed = list(model.embed.parameters()) if isinstance(model, ParaFormer) else []
+        owned_sq = comm.sum_replicated_grads_and_owned_sq(embed, [p.grad for p in owned])
+        rep_sq = _sq_norm([p.grad for p in replicated if p.grad is not None])
+        norm = (owned_sq + rep_sq.to(owned_sq.device)).sqrt()
         if tcfg.grad_clip > 0:
             _clip(owned + [p for p in replicated if p.grad is not None], norm, tcfg.grad_clip)
         opt.step()

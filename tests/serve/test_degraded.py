@@ -49,7 +49,7 @@ class TwoWorkers:
         return {**self.backend.info(), "workers": 2}
 
 
-def wait_for(client: Client, status: str, timeout_s: float = 5.0) -> str:
+def wait_for(client: Client, status: str, timeout_s: float = 60.0) -> str:  # bounds a hang only
     end = time.monotonic() + timeout_s
     while (now := client.health()) != status and time.monotonic() < end:
         time.sleep(0.05)

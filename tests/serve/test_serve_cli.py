@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -25,7 +26,7 @@ from layerpar.serve import predict
 from layerpar.serve.client import Client
 from layerpar.serve.server import ServerThread
 from layerpar.train.local import LocalBackend
-from tests.serve.helpers import images, tiny_cfg
+from tests.serve.helpers import HANG_S, images, tiny_cfg
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,7 +54,7 @@ def test_serve_script_loads_a_run_dir_serves_predict_and_drains_on_sigterm(check
         assert match, line + proc.stderr.read()
         address = match.group(1)
         with Client(address) as client:
-            client.wait_ready(30)
+            client.wait_ready(HANG_S)
             assert client.model_info()["checkpoint_id"] == "step_0000000@step0"
 
         # launch/predict.py's logic: the test split of the server's dataset, accuracy as JSON
@@ -68,7 +69,7 @@ def test_serve_script_loads_a_run_dir_serves_predict_and_drains_on_sigterm(check
         codes, stop = [], threading.Event()
 
         def stream():
-            with Client(address, timeout_s=10) as client:
+            with Client(address, timeout_s=HANG_S) as client:
                 while not stop.is_set():
                     try:
                         client.predict(images(2, seed=len(codes)))
@@ -77,14 +78,19 @@ def test_serve_script_loads_a_run_dir_serves_predict_and_drains_on_sigterm(check
                         codes.append(exc.code().name)
                         return
 
-        t = threading.Thread(target=stream)
+        t = threading.Thread(target=stream, daemon=True)
         t.start()
-        while len(codes) < 5:
+        # a stream that dies (or stalls) early fails here, not at the suite's timeout
+        end = time.monotonic() + HANG_S
+        while len(codes) < 5 and t.is_alive() and time.monotonic() < end:
             t.join(0.01)
+        assert len(codes) >= 5 and codes.count("OK") == len(codes), (
+            f"the request stream stopped before SIGTERM (thread alive: {t.is_alive()}): {codes}")
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
+        out, err = proc.communicate(timeout=HANG_S)
         stop.set()
-        t.join(10)
+        t.join(HANG_S)
+        assert not t.is_alive(), "the request stream did not end after the server stopped"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -110,12 +116,14 @@ def test_tls(tmp_path, local_backend):
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
                     "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    cfg = tiny_cfg(tls_cert=str(cert), tls_key=str(key), token="t0ken")
+    cfg = tiny_cfg(tls_cert=str(cert), tls_key=str(key))
     x = images(3, seed=11)
-    with ServerThread(cfg, local_backend) as srv:
+    with ServerThread(cfg, local_backend, token="t0ken") as srv:
         with Client(srv.address, tls_ca=str(cert), token="t0ken") as client:
             np.testing.assert_allclose(client.predict(x).scores, local_backend.infer(x).numpy(), atol=1e-6)
-        with Client(srv.address, token="t0ken", timeout_s=3) as plain:  # no TLS: no connection
+        # no TLS: the handshake fails, so the call fails at once with UNAVAILABLE (the generous
+        # deadline only bounds a hang: reaching it would be DEADLINE_EXCEEDED, a failure)
+        with Client(srv.address, token="t0ken", timeout_s=HANG_S) as plain:
             with pytest.raises(grpc.RpcError) as info:
                 plain.predict(x)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE

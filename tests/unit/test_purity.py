@@ -1,4 +1,5 @@
-"""layerpar/model is pure math: it imports nothing from ray, torch.distributed or grpc (STYLE.md 1)."""
+"""layerpar/model is pure math: it imports nothing from ray, torch.distributed or grpc (the rule
+layerpar/model/__init__.py states: pure model math on one device)."""
 
 from __future__ import annotations
 
