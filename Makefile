@@ -13,7 +13,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_AUTH_MODE := token
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test lint bench clean datasets
+.PHONY: setup demo test lint bench clean datasets cluster-tools
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-setup: $(VENV)/.installed datasets
+setup: $(VENV)/.installed datasets cluster-tools
 
 # Fashion-MNIST ships as a Debian package; install it where apt is available (best effort, root only).
 datasets:
@@ -31,6 +31,20 @@ datasets:
 		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) || \
 		echo "note: could not install dataset-fashion-mnist; Fashion-MNIST tests will be skipped"; \
 	fi
+
+# openssh-server and rsync for tests/cluster/test_ray_submit.py (`ray up` over ssh to this machine):
+# installed where apt is available and we are root, like the datasets above. The test then runs its
+# own sshd per connection (inetd mode, a key and config of its own): no daemon is left running.
+CLUSTER_PACKAGES := openssh-server openssh-client rsync
+cluster-tools:
+	@if { [ ! -x /usr/sbin/sshd ] || ! command -v rsync >/dev/null 2>&1 || ! command -v ssh >/dev/null 2>&1; } && \
+	   command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		(apt-get install -y -q $(CLUSTER_PACKAGES) >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $(CLUSTER_PACKAGES) >/dev/null 2>&1)) || \
+		echo "note: could not install $(CLUSTER_PACKAGES); tests/cluster/test_ray_submit.py will fail"; \
+	fi
+	@if [ -x /usr/sbin/sshd ] && [ "$$(id -u)" = 0 ]; then mkdir -p /run/sshd; fi  # sshd's privilege-separation dir
 
 demo: setup
 	$(PY) launch/train.py --config digits

@@ -6,6 +6,8 @@
 
 The dataset is the one in the server's config (ModelInfo); --set data.root=... points at local files.
 The last stdout line is one JSON object (accuracy, rows, rows_per_s, ...). Same as `layerpar predict`.
+Exit 2, with one sentence, when the server refuses the input (e.g. values that overflow the model, a
+wrong token); exit 1 when it cannot be reached.
 """
 
 import sys

@@ -10,13 +10,14 @@
 
 Prints "serving layerpar.v1.Inference on HOST:PORT ..." once it serves. On SIGTERM it turns health
 NOT_SERVING, refuses new calls, finishes in-flight requests and exits; the last stdout line is one JSON
-object (address, requests by status, engine calls, drained). Same as `layerpar serve`.
+object (address, requests by status, engine calls, drained). Same as `layerpar serve`. The token comes
+from LAYERPAR_SERVE_TOKEN or serve.token_file only; a port already taken is exit 2 before Ray starts.
 """
 
 import os
 import sys
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray stays on loopback (NOTES.md)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray stays on loopback (docs/CLUSTER.md)
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from layerpar.serve.server import cli_main  # noqa: E402

@@ -18,6 +18,10 @@ Each sub-layer adds its residual to the normalised input (h' = LN(h) + F(LN(h)):
 style); the branches' full outputs are summed, then pooled (CLS row or mean), then the head.
 `to_qkv` has heads * inner rows with inner = heads * dim_head, and to_out reads inner columns, so the
 forward only runs with 3 heads; per-head width is dim_head (64 by default, whatever D is).
+
+What the tensors do not fix is never guessed silently: the pooling comes from the config and the
+report says so; of the channel / patch-side splits of p*p*C only an unambiguous grey, RGB or RGBA one
+is taken unaided (see _patch_geometry), and non-square grids and patch widths are refused.
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ import argparse
 import json
 import math
 import re
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from layerpar.config import load_config
+from layerpar.config import load_config, parse_override
 from layerpar.lifecycle.common import LifecycleError, dir_bytes, new_run_dir, num_params, write_run
 from layerpar.model import ParaFormer
 
@@ -53,6 +59,11 @@ MLP_KEYS = {"ln2_w": "norm.weight", "ln2_b": "norm.bias", "fc1_w": "fn.net.0.wei
             "fc1_b": "fn.net.0.bias", "fc2_w": "fn.net.3.weight", "fc2_b": "fn.net.3.bias"}
 WRAPPERS = ("state_dict", "model_state_dict", "model", "net")  # {"net": sd, "acc": ..} and friends
 PREFIXES = ("module.", "_orig_mod.")  # nn.DataParallel / DDP, torch.compile
+GUESSED_CHANNELS = (1, 3, 4)  # grey, RGB, RGBA: read from the tensors unaided; others need --channels
+DATA_CHANNELS = {"digits": 1, "fashion_mnist": 1, "cifar10": 3, "cifar100": 3}  # synthetic: any
+SHAPE_FIELDS = ("kind", "image_size", "in_channels", "patch_size", "num_classes", "dim", "heads",
+                "head_dim", "mlp_dim", "num_branches", "branch_depth", "style", "qkv_bias")
+GEOMETRY_FLAGS = {"in_channels": "--channels", "patch_size": "--patch-size", "image_size": "--image-size"}
 
 
 def key_map(num_branches: int, branch_depth: int) -> dict[str, str]:
@@ -73,15 +84,19 @@ def key_map(num_branches: int, branch_depth: int) -> dict[str, str]:
 def load_reference_state(path: str | Path) -> dict[str, torch.Tensor]:
     """torch.load with weights_only=True (no code runs), unwrapped to a flat {key: tensor} dict."""
     path = Path(path)
+    if path.is_dir():
+        raise LifecycleError(f"state dict {str(path)!r} is a directory; pass the .pt file itself")
     if not path.is_file():
         raise LifecycleError(f"state dict {str(path)!r} does not exist")
+    if path.stat().st_size == 0:
+        raise LifecycleError(f"state dict {str(path)!r} is empty (0 bytes); pass a file written by "
+                             "torch.save(model.state_dict(), path)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols: noise for a person
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors of every kind: the file is not a plain state dict
-        raise LifecycleError(
-            f"{path} could not be loaded with weights_only=True (save model.state_dict(), "
-            f"not the model object): {str(exc).splitlines()[0]}"
-        ) from None
+        raise _load_error(path, exc) from None
     for _ in range(2):  # {"net": state_dict, "epoch": ..} as written by common training scripts
         if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
             inner = [obj[k] for k in WRAPPERS if isinstance(obj.get(k), dict)]
@@ -93,6 +108,24 @@ def load_reference_state(path: str | Path) -> dict[str, torch.Tensor]:
         if obj and all(k.startswith(prefix) for k in obj):
             obj = {k[len(prefix):]: v for k, v in obj.items()}
     return dict(obj)
+
+
+def _load_error(path: Path, exc: Exception) -> LifecycleError:
+    """One sentence for a file torch.load refused. torch's own text is not repeated: it advises
+    weights_only=False, which runs any code the file holds and is wrong advice for a file from outside."""
+    text = str(exc)
+    if m := re.search(r"Unsupported global: GLOBAL (\S+)", text):
+        return LifecycleError(
+            f"{path} holds pickled Python objects ({m.group(1)}), not only tensors, so torch.load "
+            "with weights_only=True refuses it; save model.state_dict() instead of the model object")
+    if isinstance(exc, OSError):
+        return LifecycleError(f"{path} cannot be read: {exc.strerror or exc}")
+    m = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = m.group(1) if m else (lines[0].split(". ")[0] if lines else "")
+    reason = "" if "weights_only" in reason else f": {reason[:200]}"
+    return LifecycleError(f"{path} is not a readable torch.save file (corrupt, truncated or another "
+                          f"format; {type(exc).__name__}{reason})")
 
 
 def _key_error(path: str, missing: list[str], unexpected: list[str]) -> LifecycleError:
@@ -113,36 +146,56 @@ def _known(key: str) -> bool:
     return key in EMBED_KEYS.values()
 
 
-def _patch_geometry(patch_dim: int, num_patches: int, *, in_channels: int | None,
-                    patch_size: int | None, image_size: int | None) -> tuple[int, int, int]:
-    """(in_channels, patch_size, image_size) from the patch Linear's width p*p*C and T - 1 patches."""
+def _fits(reading: tuple[int, int], grid: int, hints: dict[str, tuple[int, str]]) -> bool:
+    c, p = reading
+    value = {"in_channels": c, "patch_size": p, "image_size": grid * p}
+    return all(value[field] == v for field, (v, _) in hints.items())
+
+
+def _patch_geometry(patch_dim: int, num_patches: int, hints: dict[str, tuple[int, str]]
+                    ) -> tuple[int, int, int, str]:
+    """(in_channels, patch_size, image_size, where they came from) from the patch Linear's width
+    p*p*C and the T - 1 patch positions. The tensors fix only p*p*C and the grid; hints
+    (field -> (value, where it was given)) pick the reading, or else the only one with 1, 3 or 4
+    channels and patches of side >= 2 is taken, and more than one is refused as ambiguous."""
     grid = math.isqrt(num_patches)
     if grid * grid != num_patches:
-        raise LifecycleError(f"pos_embedding has {num_patches} patches, not a square grid; "
-                             "only square images are supported")
-    if image_size is not None:
-        if image_size % grid:
-            raise LifecycleError(f"image size {image_size} is not a multiple of the {grid}x{grid} grid")
-        patch_size = patch_size or image_size // grid
-    if patch_size is not None:
-        channels = [patch_dim // patch_size**2] if patch_dim % patch_size**2 == 0 else []
-    else:
-        channels = [in_channels] if in_channels else [3, 1]  # RGB first, then grey (never both fit)
-    for c in channels:
-        p = math.isqrt(patch_dim // c) if patch_dim % c == 0 else 0
-        if p and p * p * c == patch_dim and (in_channels is None or in_channels == c) \
-                and (patch_size is None or patch_size == p) and (image_size in (None, grid * p)):
-            return c, p, grid * p
+        raise LifecycleError(
+            f"pos_embedding holds {num_patches} patch positions, not a square grid: the model was "
+            "built for non-square images or patches, and layerpar models are square")
+    readings = [(patch_dim // (p * p), p) for p in range(1, math.isqrt(patch_dim) + 1)
+                if patch_dim % (p * p) == 0]  # every square patch side p with p*p*C == patch_dim
+    if hints:
+        given = " and ".join(where for _, where in hints.values())
+        keep = [r for r in readings if _fits(r, grid, hints)]  # a channel or side fixes the rest
+        if not keep:
+            raise LifecycleError(
+                f"{given} does not fit the weights: the patch embedding reads {patch_dim} values per "
+                f"patch on the {grid}x{grid} patch grid, which no square patch of that shape gives (layerpar "
+                "models use square patches and images); check --channels, --patch-size, --image-size")
+        (c, p), = keep
+        return c, p, grid * p, given
+    plausible = [(c, p) for c, p in readings if c in GUESSED_CHANNELS and p >= 2]
+    if len(plausible) == 1:
+        (c, p), = plausible
+        return c, p, grid * p, "the tensors (the only reading with 1, 3 or 4 channels)"
+    if not plausible:
+        raise LifecycleError(
+            f"the patch embedding reads {patch_dim} values per patch, which no square patch of side "
+            ">= 2 with 1, 3 or 4 channels gives: the model has another channel count, 1-pixel or "
+            "non-square patches (layerpar's are square); pass --channels, --patch-size or --image-size")
+    options = " or ".join(f"{c} channel{'s' * (c > 1)} in {p}x{p} patches ({grid * p}x{grid * p} "
+                          "images)" for c, p in plausible)
     raise LifecycleError(
-        f"patch width {patch_dim} on a {grid}x{grid} grid does not fit the given channels/patch/image "
-        "size; pass --channels, --patch-size or --image-size"
-    )
+        f"the patch embedding reads {patch_dim} values per patch on the {grid}x{grid} patch grid, which fits "
+        f"{options}; pass --channels, --patch-size or --image-size (or name the dataset with "
+        "--set data.name=...)")
 
 
 def infer_shape(state: dict[str, torch.Tensor], *, where: str = "state dict",
-                in_channels: int | None = None, patch_size: int | None = None,
-                image_size: int | None = None) -> dict[str, Any]:
-    """The ModelConfig fields the tensors fix; errors list missing and unexpected keys."""
+                hints: dict[str, tuple[int, str]] | None = None) -> tuple[dict[str, Any], str]:
+    """The ModelConfig fields the tensors fix, and where the image geometry came from; errors
+    list missing and unexpected keys. hints: see _patch_geometry."""
     unexpected = sorted(k for k in state if not _known(k))
     subs: dict[int, set[int]] = {}
     for k in state:
@@ -171,9 +224,12 @@ def infer_shape(state: dict[str, torch.Tensor], *, where: str = "state dict",
             f"forward only runs with {REF_HEADS} heads (to_qkv rows = 3 * to_out columns)"
         )
     head_dim = inner // REF_HEADS
-    channels, patch, side = _patch_geometry(
-        state["to_patch_embedding.1.weight"].shape[1], state["pos_embedding"].shape[1] - 1,
-        in_channels=in_channels, patch_size=patch_size, image_size=image_size)
+    try:
+        channels, patch, side, source = _patch_geometry(
+            state["to_patch_embedding.1.weight"].shape[1], state["pos_embedding"].shape[1] - 1,
+            hints or {})
+    except LifecycleError as exc:
+        raise LifecycleError(f"{where}: {exc}") from None
     return {
         "kind": "paraformer", "image_size": side, "in_channels": channels, "patch_size": patch,
         "num_classes": state["mlp_head.1.weight"].shape[0], "dim": dim, "heads": REF_HEADS,
@@ -181,7 +237,7 @@ def infer_shape(state: dict[str, torch.Tensor], *, where: str = "state dict",
         "mlp_dim": state["paraformerbranches.branches.0.1.fn.net.0.weight"].shape[0],
         "num_branches": num_branches, "branch_depth": branch_depth,
         "style": "reference", "qkv_bias": False,
-    }
+    }, source
 
 
 def convert_state(state: dict[str, torch.Tensor], mcfg, where: str = "state dict"
@@ -202,6 +258,63 @@ def convert_state(state: dict[str, torch.Tensor], mcfg, where: str = "state dict
 # ----------------------------------------------------------------------------- import
 
 
+def _split_overrides(overrides: list[str] | None) -> tuple[dict[str, tuple[Any, str]], list[str]]:
+    """model.<field> overrides of what the tensors decide ({field: (value, "--set ...")}) and the
+    rest. The first are checked against the tensors (the geometry ones pick a reading) instead of
+    being applied, so a base config never meets them half-set."""
+    fixed, rest = {}, []
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        if len(keys) == 2 and keys[0] == "model" and keys[1] in SHAPE_FIELDS:
+            fixed[keys[1]] = (value, f"--set {item}")
+        else:
+            rest.append(item)
+    return fixed, rest
+
+
+def _geometry_hints(flags: dict[str, int | None], fixed: dict[str, tuple[Any, str]],
+                    data: tuple[int, str] | None) -> dict[str, tuple[int, str]]:
+    """{field: (value, where)} from the CLI flags, model.* overrides and a named dataset's channel
+    count; sources that disagree are refused."""
+    found: dict[str, list[tuple[Any, str]]] = {}
+    for field, flag in GEOMETRY_FLAGS.items():
+        if flags.get(field) is not None:
+            found.setdefault(field, []).append((flags[field], f"{flag} {flags[field]}"))
+        if field in fixed:
+            found.setdefault(field, []).append(fixed[field])
+    if data is not None:  # the run has to read its dataset: a channel count that differs is refused
+        found.setdefault("in_channels", []).append(data)
+    hints = {}
+    for field, given in found.items():
+        for value, where in given:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise LifecycleError(f"{where}: model.{field} must be a whole number >= 1")
+        if len({value for value, _ in given}) > 1:
+            raise LifecycleError(f"{' and '.join(w for _, w in given)} disagree on model.{field}; "
+                                 "make them agree")
+        hints[field] = given[0]
+    return hints
+
+
+def _named_data(config: str | None, rest: list[str], name: str) -> tuple[int, str] | None:
+    """The channel count of the run's dataset, when the user named it (--config or data.name)."""
+    named = config is not None or any(parse_override(o)[0] == ["data", "name"] for o in rest)
+    channels = DATA_CHANNELS.get(name) if named else None
+    return (channels, f"data.name={name} ({channels} channel{'s' * (channels > 1)})") if channels else None
+
+
+def _assumptions(shape: dict[str, Any], pool: str, pool_from: str, geometry_from: str) -> dict[str, str]:
+    side, patch = shape["image_size"], shape["patch_size"]
+    return {
+        "pool": f"model.pool={pool!r} from {pool_from}: the pooling is not stored in the weights and "
+                "cannot be inferred; choose it with --set model.pool=mean or --set model.pool=cls",
+        "geometry": f"{shape['in_channels']} channel(s), {patch}x{patch} patches, {side}x{side} images, "
+                    f"from {geometry_from}; square images and patches are assumed (a non-square one "
+                    "whose patch grid is square cannot be told from the weights); choose with "
+                    "--channels, --patch-size, --image-size",
+    }
+
+
 def import_reference(state_dict_path: str | Path, out_dir: str | Path, *, num_classes: int | None = None,
                      in_channels: int | None = None, patch_size: int | None = None,
                      image_size: int | None = None, config: str | None = None,
@@ -209,47 +322,76 @@ def import_reference(state_dict_path: str | Path, out_dir: str | Path, *, num_cl
     """Convert the authors' state dict into RUN_DIR out_dir (checkpoints/step_0000000 + config.yaml).
 
     The model shape comes from the tensors; `config`/`overrides` set everything else (data, train,
-    model.pool, ...). num_classes, in_channels, patch_size, image_size, when given, must agree with
-    the tensors (channels and patch size are ambiguous from p*p*C alone: RGB is tried before grey).
-    Returns a report dict."""
+    model.pool, ...). in_channels, patch_size, image_size (or model.* overrides, or a named dataset's
+    channel count) pick the image geometry where p*p*C alone is ambiguous; num_classes and model.*
+    overrides of other shape fields must agree with the tensors. Returns a report dict whose
+    "assumed" entry says what the weights do not record (the pooling) and where the geometry came from."""
     where = str(state_dict_path)
     state = load_reference_state(state_dict_path)
-    shape = infer_shape(state, where=where, in_channels=in_channels, patch_size=patch_size,
-                        image_size=image_size)
+    fixed, rest = _split_overrides(overrides)
+    base = load_config(config, rest)
+    flags = {"in_channels": in_channels, "patch_size": patch_size, "image_size": image_size}
+    hints = _geometry_hints(flags, fixed, _named_data(config, rest, base.data.name))
+    shape, geometry_from = infer_shape(state, where=where, hints=hints)
     if num_classes is not None and num_classes != shape["num_classes"]:
         raise LifecycleError(f"{where}: mlp_head predicts {shape['num_classes']} classes, "
                              f"not the {num_classes} asked for")
-    base = load_config(config, overrides)
+    for field, (value, given) in fixed.items():
+        if field not in GEOMETRY_FLAGS and value != shape[field]:
+            raise LifecycleError(f"{where}: the weights fix model.{field} = {shape[field]!r}, not the "
+                                 f"{value!r} of {given}")
     cfg = base.replace(model=shape,
                        parallel={"workers": min(base.parallel.workers, shape["num_branches"])})
     weights = convert_state(state, cfg.model, where)
     out = new_run_dir(out_dir)
     ckpt = write_run(out, weights, cfg, extra={"imported_from": str(Path(state_dict_path).resolve()),
                                                "source": "DUAT-Maker/Shallow-Paraformer"})
+    pool_from = next((f"--set {o}" for o in reversed(rest) if parse_override(o)[0] == ["model", "pool"]),
+                     f"--config {config}" if config else "layerpar's default")
     return {"command": "import-reference", "source": where, "run_dir": str(out),
-            "checkpoint": str(ckpt), "model": shape, "params": num_params(weights),
-            "bytes": dir_bytes(ckpt)}
+            "checkpoint": str(ckpt), "model": shape, "pool": cfg.model.pool,
+            "assumed": _assumptions(shape, cfg.model.pool, pool_from, geometry_from),
+            "params": num_params(weights), "bytes": dir_bytes(ckpt)}
+
+
+EPILOG = """\
+What the weights do not say:
+  the pooling: model.pool comes from --config or --set model.pool=mean|cls (default cls); a mean-pool
+    model imported as cls gives wrong logits, so name it. The report's "assumed" entry says which.
+  the image geometry: the tensors fix only channels * patch * patch and the patch grid. Grey (1),
+    RGB (3) and RGBA (4) images in square patches of side >= 2 are read unaided when only one such
+    reading fits; otherwise (e.g. 1 channel in 8x8 patches vs 4 channels in 4x4) the import is
+    refused until --channels, --patch-size or --image-size (or --set model.in_channels=...,
+    model.patch_size=..., model.image_size=..., or a named dataset: --set data.name=cifar10) picks
+    one. Non-square images or patches are refused where the grid shows them (layerpar models are
+    square)."""
 
 
 def cli_main(argv: list[str] | None = None) -> int:
     """layerpar import-reference STATE_DICT.pt --out RUN_DIR [--set data.name=cifar10 ...]"""
     ap = argparse.ArgumentParser(
-        prog="layerpar import-reference",
+        prog="layerpar import-reference", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Convert a state dict of the authors' Para-Former (DUAT-Maker/Shallow-Paraformer) "
                     "into a layerpar run directory; the model shape is read from the tensors.")
     ap.add_argument("state_dict", help="a .pt file holding model.state_dict() (or {'net': ...})")
     ap.add_argument("--out", required=True, help="new run directory to create")
     ap.add_argument("--config", default=None, help="base config (YAML path or packaged name) for the "
-                    "non-model sections")
+                    "non-model sections and model.pool")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. data.name=cifar10 or model.pool=mean (repeatable)")
     ap.add_argument("--num-classes", type=int, default=None, help="check the head has this many")
-    ap.add_argument("--channels", type=int, default=None, help="image channels (default: inferred)")
-    ap.add_argument("--patch-size", type=int, default=None, help="patch side (default: inferred)")
-    ap.add_argument("--image-size", type=int, default=None, help="image side (default: inferred)")
+    ap.add_argument("--channels", type=int, default=None,
+                    help="image channels (default: inferred; needed when the tensors allow two readings "
+                         "or for counts other than 1, 3, 4)")
+    ap.add_argument("--patch-size", type=int, default=None, help="side of the square patch (default: "
+                    "inferred)")
+    ap.add_argument("--image-size", type=int, default=None, help="side of the square image (default: "
+                    "inferred)")
     args = ap.parse_args(argv)
     report = import_reference(args.state_dict, args.out, num_classes=args.num_classes,
                               in_channels=args.channels, patch_size=args.patch_size,
                               image_size=args.image_size, config=args.config, overrides=args.overrides)
+    if "from --set" not in report["assumed"]["pool"]:  # a guess: say so where a person reads it
+        print(f"layerpar import-reference: note: {report['assumed']['pool']}", file=sys.stderr)
     print(json.dumps(report))
     return 0

@@ -2,18 +2,33 @@
 
 Under torchrun the variables are already set; under Ray the engine sets them in every actor
 (rank 0 reports an address and a free port, Ray Train's recipe) and all ranks join at once.
+
+What listens where (docs/NETWORK.md):
+- a group whose workers share one node (the embedded default: local Ray) meets through a file
+  (`file://` rendezvous, a FileStore in a private temporary directory named by LAYERPAR_INIT_FILE)
+  and gloo's pair sockets are bound to the loopback interface: no listener beyond 127.0.0.1;
+- a multi-node group keeps torch.distributed's TCP rendezvous: rank 0's TCPStore listens on
+  MASTER_PORT on every interface, and gloo (or NCCL) opens its pair sockets on the interface of the
+  node's hostname (or GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 ENV_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
+INIT_FILE = "LAYERPAR_INIT_FILE"  # set: a same-node group, rendezvous through this file
+LOOPBACK = "lo"
+_IFNAMES = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+_USER_IFNAMES = {v: os.environ.get(v) for v in _IFNAMES}  # what this process was started with
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -23,10 +38,35 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def set_env(*, master_addr: str, master_port: int, rank: int, world_size: int) -> None:
-    """Export the torchrun variables in this process."""
+_made_dirs: list[Path] = []  # rendezvous directories this process made (rank 0)
+
+
+def new_init_file() -> str:
+    """A path for a same-node group's file rendezvous: in a fresh private directory (0700), not yet
+    created (a FileStore must start from no file; a re-formed group gets a new one). The directories
+    of earlier groups, which every rank has left by now, are removed."""
+    while _made_dirs:
+        shutil.rmtree(_made_dirs.pop(), ignore_errors=True)
+    _made_dirs.append(Path(tempfile.mkdtemp(prefix="layerpar-pg-")))
+    return str(_made_dirs[-1] / "store")
+
+
+def set_env(*, master_addr: str, master_port: int, rank: int, world_size: int,
+            init_file: str | None = None) -> None:
+    """Export the torchrun variables in this process; with `init_file` (every rank on one node), the
+    group meets through that file and binds its sockets to loopback instead."""
     os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK="0")
+    if init_file is None:
+        os.environ.pop(INIT_FILE, None)
+        for var, value in _USER_IFNAMES.items():  # undo a loopback binding of an earlier group
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+    else:
+        os.environ[INIT_FILE] = init_file
+        os.environ.update({var: LOOPBACK for var in _IFNAMES})
 
 
 def backend_for(device: torch.device) -> str:
@@ -46,7 +86,9 @@ def init_from_env(*, timeout_s: float, device: torch.device | None = None) -> tu
     if device.type == "cuda":  # NCCL binds the group to one indexed device
         index = device.index if device.index is not None else torch.cuda.current_device()
         kwargs["device_id"] = torch.device("cuda", index)
-    dist.init_process_group(backend_for(device), init_method="env://", rank=rank, world_size=world,
+    init_file = os.environ.get(INIT_FILE)
+    init_method = f"file://{init_file}" if init_file else "env://"
+    dist.init_process_group(backend_for(device), init_method=init_method, rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s), **kwargs)
     return rank, world
 

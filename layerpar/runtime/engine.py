@@ -8,9 +8,10 @@
 Inference: the driver hands every worker the same one copy of the batch and sends every request
 before awaiting any reply (runtime/transport.py: a shared-memory slot and the socket fast path when
 every worker shares its node, else the object store and one Ray call per worker). With the
-`collective` transport the partial sums are reduced inside the worker group and rank 0 applies the
-head; with `object_store` each worker returns its (B, D) partial sum and the driver adds them in
-rank order.
+`collective` transport rank 0 gathers every worker's pooled branch rows (K_w, B, D) inside the
+worker group, adds all of them in branch order (ordered_sum: the single-process model's additions)
+and applies the head; with `object_store` each worker returns its rows (K_w, B, D) and the driver
+concatenates them into (K, B, D) and adds them in the same branch order before its head.
 
 Faults (docs/FAILURES.md): a worker that dies or does not answer within parallel.timeout_s is noticed
 by the call that needed it; a background Recovery (runtime/recovery.py) restarts it in its bundle,
@@ -32,9 +33,11 @@ import ray
 import torch
 
 from layerpar.config import Config
+from layerpar.model.overflow import check_finite_logits
 from layerpar.model.paraformer import make_head, ordered_sum, prefix_sums
 from layerpar.parallel.layout import BranchLayout
 from layerpar.runtime.cluster import ClusterError, connect
+from layerpar.runtime.heartbeat import Heartbeat, WorkerSilent
 from layerpar.runtime.placement import bundle_strategy, place_workers, release
 from layerpar.runtime.recovery import MAX_TRIES, FaultHandling, WorkerError, is_comm_failure, kill
 from layerpar.runtime.transport import Transport, broadcast_ref, merge_timings
@@ -52,7 +55,9 @@ class Engine(FaultHandling):
         self.cfg, self.total_steps = cfg, total_steps
         self.layout = BranchLayout(cfg.model.num_branches, cfg.parallel.workers)
         self.collective = cfg.parallel.transport == "collective"
-        self.timeout_s = cfg.parallel.timeout_s
+        self.timeout_s = cfg.parallel.timeout_s  # training, loads, state reads, the gloo group
+        self.call_timeout_s = cfg.parallel.call_timeout_s  # one inference call, all ranks together
+        self.heartbeat_s = cfg.parallel.heartbeat_s  # a worker silent this long is lost
         # starting an actor imports torch and builds its branches: allowed longer than one call
         self.startup_timeout_s = cfg.parallel.placement_timeout_s + cfg.parallel.timeout_s
         self.allow_degraded = cfg.serve.degraded == "allow"
@@ -69,7 +74,7 @@ class Engine(FaultHandling):
         self._submit_lock = threading.Lock()
         self._init_faults()  # runtime/recovery.py
         self._owns_ray = connect(cfg)
-        self._transport = Transport(cfg.parallel, tag=self.id, timeout_s=self.timeout_s,
+        self._transport = Transport(cfg.parallel, tag=self.id, timeout_s=self.call_timeout_s,
                                     startup_timeout_s=self.startup_timeout_s)
         try:
             self._pg = place_workers(cfg.parallel)
@@ -101,9 +106,12 @@ class Engine(FaultHandling):
     def _form_group(self) -> None:
         """Ray Train's rendezvous: rank 0 offers an address and a free port, every rank joins at once,
         and the driver waits on all of them together."""
-        addr, port = self._get(self.workers[0].offer_rendezvous.remote(), self.startup_timeout_s)
+        same_node = len({p["node_id"] for p in self.placement}) == 1  # a file rendezvous, loopback only
+        addr, port, init_file = self._get(self.workers[0].offer_rendezvous.remote(same_node),
+                                          self.startup_timeout_s)
         world = len(self.workers)
-        self._get([w.join_group.remote(addr, port, world) for w in self.workers], self.startup_timeout_s)
+        self._get([w.join_group.remote(addr, port, world, init_file) for w in self.workers],
+                  self.startup_timeout_s)
 
     def shutdown(self) -> None:
         with self._lock:
@@ -128,14 +136,20 @@ class Engine(FaultHandling):
     def __exit__(self, *exc) -> None:
         self.shutdown()
 
-    def _get(self, refs, timeout_s: float | None = None):
+    def _get(self, refs, timeout_s: float | None = None, *, watch: list | None = None,
+             field: str = "parallel.timeout_s"):
         """ray.get with the engine's timeout; a dead or silent worker, or a collective that failed
-        because of one, becomes a WorkerError."""
+        because of one, becomes a WorkerError. With `watch` (the worker behind each of `refs`), a
+        worker that misses its heartbeat ends the wait at once (runtime/heartbeat.py)."""
         timeout_s = timeout_s or self.timeout_s
         try:
-            return ray.get(refs, timeout=timeout_s)
+            if watch is not None:
+                self._wait_watched(refs, watch, time.monotonic() + timeout_s)
+            return ray.get(refs, timeout=timeout_s if watch is None else 0.1)
+        except WorkerSilent as exc:
+            raise WorkerError(str(exc)) from None
         except ray.exceptions.GetTimeoutError:
-            raise WorkerError(f"a worker did not answer within parallel.timeout_s={timeout_s:g}s") from None
+            raise WorkerError(f"a worker did not answer within {field}={timeout_s:g}s") from None
         except ray.exceptions.RayActorError as exc:
             raise WorkerError(f"a branch worker died: {str(exc).splitlines()[0]}") from None
         except ray.exceptions.RayTaskError as exc:
@@ -143,6 +157,14 @@ class Engine(FaultHandling):
                 raise
             raise WorkerError(f"a collective failed (a peer died or hung): "
                               f"{str(exc.cause).splitlines()[0][:300]}") from None
+
+    def _wait_watched(self, refs: list, workers: list, deadline: float) -> None:
+        """Wait for refs[i] (from workers[i]) until every one is ready or failed, or the deadline."""
+        beat = Heartbeat(workers, self.heartbeat_s)
+        pending = list(refs)
+        while pending and (left := deadline - time.monotonic()) > 0:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=min(left, beat.interval_s))
+            beat.check(i for i, ref in enumerate(refs) if ref in pending)
 
     # ------------------------------------------------------------------ inference
 
@@ -176,8 +198,10 @@ class Engine(FaultHandling):
     def infer(self, x: torch.Tensor, num_branches: int | None = None) -> torch.Tensor:
         """Logits (B, classes) of the prefix model with `num_branches` branches (default all).
         Only the workers that own one of those branches are called. A lost worker is recovered and
-        the call retried (serve.degraded=allow: see infer_with_meta)."""
-        return self.infer_with_meta(x, num_branches)[0]
+        the call retried (serve.degraded=allow: see infer_with_meta). Raises InputOverflow (a
+        ValueError) when a row's values overflow the model; infer_with_meta returns the logits as
+        computed, for callers that refuse per row (the server, per merged request)."""
+        return check_finite_logits(self.infer_with_meta(x, num_branches)[0])
 
     def infer_with_meta(self, x: torch.Tensor, num_branches: int | None = None
                         ) -> tuple[torch.Tensor, dict]:
@@ -211,11 +235,14 @@ class Engine(FaultHandling):
         t1 = time.perf_counter()
         t0 = t1 - broadcast_s
         r = self.layout.participants(k)
-        outs = self._transport.fast_call(workers, self.placement, r, ("infer", ref, k, self.collective))
-        if outs is None:  # not all on this node: one Ray call per worker
+        row_bytes = x.shape[0] * self.cfg.model.dim * 4  # one pooled (B, D) row of one branch
+        outs = self._transport.fast_call(workers, self.placement, r, ("infer", ref, k, self.collective),
+                                         reply_bytes=self.layout.max_owned * row_bytes)
+        if outs is None:  # not all on this node (or a huge reply): one Ray call per worker
             with self._submit_lock:
                 refs = [w.infer.remote(ref, k, self.collective) for w in workers[:r]]  # dispatch all
-            outs = self._get(refs)  # ... then wait once
+            outs = self._get(refs, self.call_timeout_s, watch=workers[:r],
+                             field="parallel.call_timeout_s")  # ... then wait once
         t2 = time.perf_counter()
         if self.collective:
             logits, timings = as_tensor(outs[0][0]), merge_timings([o[1] for o in outs])
@@ -229,14 +256,14 @@ class Engine(FaultHandling):
         worker_s = sum(timings.get(p, 0.0) for p in ("embed", "compute", "reduce", "head"))
         self.last_timings = {**timings, "broadcast": t1 - t0, "total": total_s,
                              "dispatch": max(0.0, total_s - (t1 - t0) - worker_s)}
-        row_bytes = x.shape[0] * self.cfg.model.dim * 4  # one pooled (B, D) row of one branch
         self.last_bytes = {"broadcast": x.numel() * 4, "reduce": r * self.layout.max_owned * row_bytes,
                            "result": logits.numel() * 4}
         return logits
 
-    def _end_fast(self) -> None:
-        """Give the workers' default threads back (before any other call that needs them)."""
-        self._transport.end_fast()
+    def _end_fast(self, reset: bool = False) -> None:
+        """Give the workers' default threads back (before any other call that needs them); reset:
+        a recovery's, which also lets the fast path start again for the workers it failed on."""
+        self._transport.end_fast(reset)
 
     def _make_head(self, state: dict) -> torch.nn.Module:
         head = make_head(self.cfg.model, self.cfg.train.seed)
@@ -288,7 +315,7 @@ class Engine(FaultHandling):
             try:
                 with self._submit_lock:
                     refs = [w.train_step.remote(ref) for w in workers]
-                return self._get(refs)[0]
+                return self._get(refs, watch=workers)[0]
             except WorkerError:
                 self._state = "lost"  # the workers may have stepped unevenly: nothing to restore
                 raise
@@ -321,11 +348,12 @@ class Engine(FaultHandling):
             self._take_snapshot(refs, checkpoint=saved)  # the refs stay in the object store
         return saved
 
-    def load(self, path) -> dict:
-        """Load a checkpoint written with any number of workers (or by a single process)."""
+    def load(self, path, *, weights_only: bool = False) -> dict:
+        """Load a checkpoint written with any number of workers (or by a single process).
+        weights_only (serving): the optimizer state is not read at all."""
         from layerpar.train.checkpoint import load_checkpoint
 
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, with_optim=not weights_only)
         step = int(ckpt.manifest.get("step", 0))
         wanted = {}
         for rank in range(self.layout.num_workers):
@@ -365,5 +393,6 @@ class Engine(FaultHandling):
         return [p["node_id"] for p in self.placement]
 
     def worker_pids(self) -> list[int]:
-        """Process id of every worker, by rank (launch/chaos.py kills them)."""
+        """Process id of every worker, by rank (tests kill them with it; launch/chaos.py reads
+        engine.placement itself)."""
         return [int(p["pid"]) for p in self.placement]

@@ -5,9 +5,10 @@ whole story with measured times.
 A recovery, one at a time, in a background thread:
 
     1. classify   ping every worker in its `side` thread (never blocked by a collective):
-                  an ActorDiedError or no answer within PING_S -> dead
-    2. drain      wait until no engine call is in flight (each ends within parallel.timeout_s: a
-                  collective with a dead peer fails at once, one with a hung peer at the gloo timeout)
+                  an ActorDiedError or no answer within parallel.heartbeat_s -> dead
+    2. drain      wait until no engine call is in flight (an inference call ends within
+                  parallel.call_timeout_s, sooner when a worker it waits on misses its heartbeat;
+                  a training call within parallel.timeout_s, the gloo timeout)
     3. leave      every live worker leaves the old process group; one that cannot within LEAVE_S
                   (its default thread is stuck, e.g. a hung worker) is lost too
     4. restart    lost workers are killed and re-created in their own placement-group bundle, then
@@ -36,7 +37,6 @@ from layerpar.model.paraformer import ordered_sum
 from layerpar.runtime.worker import as_tensor
 
 log = logging.getLogger("layerpar.runtime")
-PING_S = 3.0  # longest wait for a worker's side thread to answer a ping
 LEAVE_S = 2.0  # longest wait for a live worker to leave the old process group
 MAX_TRIES = 3  # tries of one idempotent call: the first, plus up to two recoveries
 
@@ -131,8 +131,8 @@ def kill(handle) -> None:
 
 class FaultHandling:
     """The Engine's fault policy. Expects from the engine: workers, layout, timeout_s,
-    startup_timeout_s, collective, allow_degraded, _get, _new_worker, _form_group, _make_head,
-    _end_fast, and the state initialised by _init_faults()."""
+    call_timeout_s, heartbeat_s, startup_timeout_s, collective, allow_degraded, _get, _new_worker,
+    _form_group, _make_head, _end_fast, and the state initialised by _init_faults()."""
 
     def _init_faults(self) -> None:
         # What a restarted worker is restored from: "fresh" (seeded initial weights), "snapshot"
@@ -222,7 +222,7 @@ class FaultHandling:
             if self._closed:
                 raise WorkerError("the engine is shut down")
             t0 = time.monotonic()
-            live, dead = classify(self.workers, min(PING_S, self.timeout_s))
+            live, dead = classify(self.workers, self.heartbeat_s)
             rec = self._recovery = Recovery(reason=reason, handles=live, dead=dead, started=t0)
             if self._state == "lost" or (self._state == "snapshot" and self._snapshot is None
                                          and self._snapshot_checkpoint is None):
@@ -240,9 +240,9 @@ class FaultHandling:
         fresh: dict[int, object] = {}
         t = rec.mark("classify", rec.started)
         try:
-            self._drain(self.timeout_s + LEAVE_S)  # 2
+            self._drain(max(self.timeout_s, self.call_timeout_s) + LEAVE_S)  # 2
             t = rec.mark("drain", t)
-            self._end_fast()  # the fast path's loops hold the default threads leave_group needs
+            self._end_fast(reset=True)  # the fast path's loops hold the default threads leave_group needs
             stuck = leave_group(rec.handles, LEAVE_S)  # 3
             t = rec.mark("leave", t)
             lost = sorted(set(rec.dead) | set(stuck))
@@ -309,7 +309,7 @@ class FaultHandling:
         if rec is not None and rec.active:
             return {"ready": False, "workers": workers, "workers_alive": len(rec.handles),
                     "recovering": True}
-        live, dead = classify(list(self.workers), min(1.0, self.timeout_s))
+        live, dead = classify(list(self.workers), self.heartbeat_s)
         if dead and not self._closed:
             with contextlib.suppress(WorkerError):
                 self._begin_recovery(f"the health probe found workers {dead} dead")
@@ -331,7 +331,7 @@ class FaultHandling:
             outs = {}
             for r, out_ref in refs.items():
                 try:
-                    outs[r] = ray.get(out_ref, timeout=self.timeout_s)
+                    outs[r] = ray.get(out_ref, timeout=self.call_timeout_s)
                 except (ray.exceptions.RayError, TimeoutError):
                     rec.handles.pop(r, None)  # killed by the recovery meanwhile: ask the others
             head = self._head_from(handles) if len(outs) == len(refs) else None
@@ -349,7 +349,8 @@ class FaultHandling:
         if self._head is None:
             for w in handles.values():
                 try:
-                    self._head = self._make_head(ray.get(w.head_piece.remote(), timeout=self.timeout_s))
+                    self._head = self._make_head(ray.get(w.head_piece.remote(),
+                                                         timeout=self.call_timeout_s))
                     break
                 except (ray.exceptions.RayError, TimeoutError):
                     continue

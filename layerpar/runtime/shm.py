@@ -12,11 +12,16 @@ uses slots only while every worker shares the driver's node (else `ray.put`, as 
 
 A slot is held for the whole call (every retry included) and reused only after every worker has
 answered, so no worker ever reads a batch being overwritten.
+
+A slot file is readable by its owner only (0600; the workers run as the same user) and is named
+`<prefix>-<driver pid>-<n>`. A driver killed before `close()` leaves its slots behind; the next
+InputSlots on the host removes every `layerpar-*` slot whose driver pid is no longer running.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +32,7 @@ import torch
 
 SHM_DIR = Path("/dev/shm")
 MIN_SLOT_BYTES = 1 << 20  # slots start at 1 MiB and are replaced by larger ones as batches grow
+_SLOT_NAME = re.compile(r"layerpar-.+-(\d+)-\d+")  # <prefix>-<driver pid>-<n>
 
 
 @dataclass(frozen=True)
@@ -44,11 +50,41 @@ def available() -> bool:
     return SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_stale() -> list[Path]:
+    """Unlink this user's slot files whose driver process is gone (killed before close()); returns
+    them. Slots of running drivers, and files that are not slots, are left alone."""
+    removed = []
+    uid = os.getuid()
+    for path in SHM_DIR.glob("layerpar-*"):
+        match = _SLOT_NAME.fullmatch(path.name)
+        try:
+            if match and path.lstat().st_uid == uid and not _pid_alive(int(match.group(1))):
+                path.unlink()
+                removed.append(path)
+        except OSError:  # vanished meanwhile, or not ours to remove
+            continue
+    return removed
+
+
 class _Slot:
     def __init__(self, path: Path, capacity: int):
         self.path, self.capacity = path, capacity
-        with open(path, "wb") as f:
-            f.truncate(capacity)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # a file left by an earlier process of the same pid keeps its mode
+            os.ftruncate(fd, capacity)
+        finally:
+            os.close(fd)
         self.array = np.memmap(path, dtype=np.uint8, mode="r+", shape=(capacity,))
 
 
@@ -57,6 +93,7 @@ class InputSlots:
 
     def __init__(self, prefix: str):
         self.prefix = prefix
+        remove_stale()
         self._free: list[_Slot] = []
         self._all: list[_Slot] = []
         self._lock = threading.Lock()

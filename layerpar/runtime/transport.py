@@ -1,6 +1,7 @@
 """How a batch and an inference request reach the workers, and how their timings come back.
 
-    transport = Transport(cfg.parallel, tag=engine_id, timeout_s=120, startup_timeout_s=150)
+    transport = Transport(cfg.parallel, tag=engine_id, timeout_s=cfg.parallel.call_timeout_s,
+                          startup_timeout_s=150)
     with transport.broadcast(x.numpy(), placement) as ref:   # array, shm slot or object-store ref
         replies = transport.fast_call(workers, placement, ranks, ("infer", ref, k, reduce))
         # None: not every worker shares this node (or the fast path is off): use Ray calls
@@ -15,13 +16,17 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from contextlib import contextmanager
 
 import ray
 
 from layerpar.runtime import shm
-from layerpar.runtime.fastpath import FastLane, FastPathError
+from layerpar.runtime.fastpath import MAX_REPLY_BYTES, FastPath, FastPathError, PeerLost
 from layerpar.runtime.recovery import WorkerError, is_comm_failure
+
+log = logging.getLogger("layerpar.runtime")
 
 # Below this size a batch travels inside each request (Ray inlines small task arguments too),
 # which is cheaper than a trip through the object store or a slot.
@@ -44,13 +49,76 @@ def driver_node() -> str | None:
         return None
 
 
+class FastLane:
+    """The engine's fast path over its life: started for the current workers on first use,
+    restarted when they change (a recovery replaced one), ended before any other call needs the
+    workers' default threads, and switched off for good (with a warning) if it cannot start.
+
+    After a call fails, the same workers get no new fast path until `reset()` (the recovery calls it
+    once no call is in flight): a call queued behind the failed one fails at once instead of
+    waiting for a stopped worker to connect."""
+
+    def __init__(self, *, enabled: bool, timeout_s: float, startup_timeout_s: float,
+                 heartbeat_s: float, tag: str):
+        self.enabled, self.tag = enabled, tag
+        self.timeout_s, self.startup_timeout_s, self.heartbeat_s = timeout_s, startup_timeout_s, heartbeat_s
+        self._fast: FastPath | None = None
+        self._failed: list | None = None  # the workers whose fast path failed, until reset()
+        self._lock = threading.RLock()  # one call at a time: every worker sees the same order
+
+    def call(self, workers: list, ranks: int, msg: tuple) -> list[tuple] | None:
+        """Replies of ranks 0..ranks-1 to msg; None when the fast path is off."""
+        with self._lock:
+            try:
+                fast = self._for(workers)
+                return None if fast is None else fast.call(range(ranks), msg)
+            except FastPathError:
+                self.end()  # a late reply must never be read as the next call's
+                self._failed = list(workers)
+                raise
+
+    def _for(self, workers: list) -> FastPath | None:
+        if not self.enabled:
+            return None
+        if self._failed is not None and _same(self._failed, workers):
+            raise PeerLost("the fast path to these workers failed; they are being recovered")
+        if self._fast is not None and _same(self._fast.workers, workers):
+            return self._fast
+        self.end()
+        try:
+            self._fast = FastPath(workers, timeout_s=self.timeout_s, heartbeat_s=self.heartbeat_s,
+                                  startup_timeout_s=self.startup_timeout_s, tag=self.tag)
+        except PeerLost:
+            raise
+        except FastPathError as exc:
+            log.warning("inference goes through Ray actor calls: %s", exc)
+            self.enabled = False
+        return self._fast
+
+    def end(self) -> None:
+        with self._lock:
+            if self._fast is not None:
+                self._fast.close()
+                self._fast = None
+
+    def reset(self) -> None:
+        """End the fast path and allow a new one for the same workers (after a recovery)."""
+        with self._lock:
+            self.end()
+            self._failed = None
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
 class Transport:
     def __init__(self, pcfg, *, tag: str, timeout_s: float, startup_timeout_s: float):
         self.node_id = driver_node()
         self.slots = shm.InputSlots(f"layerpar-{tag}") if pcfg.shared_memory and shm.available() \
             else None
         self.lane = FastLane(enabled=self.slots is not None, timeout_s=timeout_s,
-                             startup_timeout_s=startup_timeout_s, tag=tag)
+                             startup_timeout_s=startup_timeout_s, heartbeat_s=pcfg.heartbeat_s, tag=tag)
 
     def same_node(self, placement: list[dict]) -> bool:
         return self.node_id is not None and all(p.get("node_id") == self.node_id for p in placement)
@@ -64,12 +132,14 @@ class Transport:
         with self.slots.hold(array) as ref:
             yield ref
 
-    def fast_call(self, workers: list, placement: list[dict], ranks: int, msg: tuple
-                  ) -> list[tuple] | None:
+    def fast_call(self, workers: list, placement: list[dict], ranks: int, msg: tuple,
+                  reply_bytes: int = 0) -> list[tuple] | None:
         """msg to ranks 0..ranks-1 over the fast path; the replies as (out, timings), like a Ray
-        call's results; None when the fast path cannot serve these workers. A lost or failing peer
-        is a WorkerError (the engine recovers), any other error is raised as the worker saw it."""
-        if isinstance(msg[1], ray.ObjectRef) or not self.same_node(placement):
+        call's results; None when the fast path cannot serve these workers (or a reply of about
+        `reply_bytes` would exceed its bound). A lost or failing peer is a WorkerError (the engine
+        recovers), any other error is raised as the worker saw it."""
+        if isinstance(msg[1], ray.ObjectRef) or not self.same_node(placement) \
+                or reply_bytes > MAX_REPLY_BYTES // 2:
             return None
         try:
             replies = self.lane.call(workers, ranks, msg)
@@ -85,9 +155,13 @@ class Transport:
                 raise cause
         return [reply[1:] for reply in replies]
 
-    def end_fast(self) -> None:
-        """Give the workers' default threads back (before any other call that needs them)."""
-        self.lane.end()
+    def end_fast(self, reset: bool = False) -> None:
+        """Give the workers' default threads back (before any other call that needs them); with
+        reset, also allow a new fast path to workers whose last one failed (a recovery's drain)."""
+        if reset:
+            self.lane.reset()
+        else:
+            self.lane.end()
 
     def close(self) -> None:
         self.end_fast()

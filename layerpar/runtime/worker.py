@@ -58,14 +58,17 @@ class BranchWorker:
                 "pid": os.getpid(), "gpu_ids": ray.get_gpu_ids(),
                 "layout": self.shard.layout.describe(self.shard.worker_rank)}
 
-    def offer_rendezvous(self) -> tuple[str, int]:
-        """Rank 0 offers its address and a free port to the group."""
+    def offer_rendezvous(self, same_node: bool = False) -> tuple[str, int, str | None]:
+        """Rank 0 offers its address and a free port to the group, and with same_node (every rank on
+        this node) a file to meet through instead, so that no store listens on the network."""
         ip = ray.util.get_node_ip_address()
-        return ip, process_group.free_port(ip)
+        init_file = process_group.new_init_file() if same_node else None
+        return ip, process_group.free_port(ip), init_file
 
-    def join_group(self, master_addr: str, master_port: int, world_size: int) -> None:
+    def join_group(self, master_addr: str, master_port: int, world_size: int,
+                   init_file: str | None = None) -> None:
         process_group.set_env(master_addr=master_addr, master_port=master_port,
-                              rank=self.shard.worker_rank, world_size=world_size)
+                              rank=self.shard.worker_rank, world_size=world_size, init_file=init_file)
         self.shard.join_group()  # blocks until every rank joins
 
     def leave_group(self) -> None:
@@ -76,10 +79,11 @@ class BranchWorker:
         out, timings = self.shard.infer(as_tensor(x), num_branches, reduce=reduce)
         return to_wire(out), timings
 
-    def serve_fast(self, path: str, rank: int) -> int:
+    def serve_fast(self, path: str, rank: int, key: bytes) -> int:
         """Answer `infer` requests from the driver's socket on this (default) thread until the
-        driver stops the fast path (runtime/fastpath.py); returns how many were answered."""
-        return fastpath.serve(path, rank, self.infer)
+        driver stops the fast path (runtime/fastpath.py; `key` proves each side to the other);
+        returns how many were answered."""
+        return fastpath.serve(path, rank, key, self.infer)
 
     def branch_outputs(self, x) -> np.ndarray:
         self._stall()
@@ -133,7 +137,9 @@ class BranchWorker:
         """TEST ONLY: make this worker's default thread hang for `seconds` from its next call, as a
         hung process would: that call (on the Ray path or the fast path, runtime/fastpath.py) and
         every call behind it, and its peers' collectives, get no answer. Used by tests/faults to check
-        that the driver raises or recovers after parallel.timeout_s instead of hanging."""
+        that the driver raises or recovers after parallel.call_timeout_s (inference) or
+        parallel.timeout_s (training) instead of hanging. Its side thread still answers pings: a
+        stopped process (SIGSTOP) is the heartbeat's case, tests/faults/test_stall.py."""
         self._stall_until = time.monotonic() + seconds
         return seconds
 

@@ -48,7 +48,7 @@ class PlainServicer(pb_grpc.InferenceServicer):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from layerpar.serve.launcher import resolve
+    from layerpar.serve.launcher import load_weights_into, resolve
     from layerpar.train.local import LocalBackend
 
     ap = argparse.ArgumentParser(prog="python -m layerpar.serve.baseline", description=__doc__,
@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=32, help="gRPC handler threads (concurrent requests)")
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args(argv)
-    args.metrics_port = args.token = None
+    args.metrics_port = None
     cfg, ckpt_dir, _ = resolve(args)
-    backend = LocalBackend(cfg.replace(parallel={"workers": 0}), checkpoint=ckpt_dir)
+    backend = load_weights_into(LocalBackend(cfg.replace(parallel={"workers": 0})), ckpt_dir)
     s = cfg.serve
     server = grpc.server(ThreadPoolExecutor(max_workers=args.threads), options=[
         ("grpc.max_send_message_length", s.max_message_bytes),

@@ -5,9 +5,12 @@
     layerpar serve --checkpoint runs/<run> --set parallel.workers=2 --set serve.max_wait_ms=2
     layerpar serve --config digits                                   # fresh (untrained) weights: demos
 
-The config is the checkpoint's own (--config replaces it; --set overrides either). The token can come
-from the environment (LAYERPAR_SERVE_TOKEN) so that it does not show in `ps`. Prints the address once
-it serves; the last stdout line is one JSON object written when the server has stopped.
+The config is the checkpoint's own (--config replaces it; --set overrides either). The bearer token
+comes from the environment (LAYERPAR_SERVE_TOKEN) or a file (--set serve.token_file=PATH) only: never a
+flag (it would show in `ps`) nor a config value (configs reach workers and run files). Serving reads and
+verifies the checkpoint's weights only, never its optimizer state. The ports are checked before any
+engine (or Ray) starts: one taken is one sentence and exit 2. Prints the address once it serves; the
+last stdout line is one JSON object written when the server has stopped.
 """
 
 from __future__ import annotations
@@ -15,36 +18,52 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
 
-from layerpar.config import ConfigError, from_dict, load_config, with_overrides
+from layerpar.config import ConfigError, load_config, with_overrides
 
 
 def resolve(args) -> tuple[object, Path | None, dict]:
     """(config, checkpoint dir or None, manifest) from --checkpoint / --config / --set / flags."""
     ckpt_dir, manifest = None, {}
     if args.checkpoint:
-        from layerpar.train.checkpoint import read_manifest, resolve_checkpoint
+        from layerpar.train.checkpoint import manifest_config, read_manifest, resolve_checkpoint
 
         ckpt_dir = resolve_checkpoint(args.checkpoint)
         manifest = read_manifest(ckpt_dir)
     if args.config or not args.checkpoint:
         cfg = load_config(args.config)
     else:
-        cfg = from_dict(manifest["config"])
+        cfg = manifest_config(manifest, ckpt_dir / "manifest.json")
     serve = {}
     for flag, key in (("host", "host"), ("port", "port"), ("metrics_port", "metrics_port")):
         if getattr(args, flag) is not None:
             serve[key] = getattr(args, flag)
-    token = args.token or os.environ.get("LAYERPAR_SERVE_TOKEN")
-    if token:
-        serve["token"] = token
     cfg = with_overrides(cfg, args.set)
     return (cfg.replace(serve=serve) if serve else cfg), ckpt_dir, manifest
+
+
+def check_port_free(host: str, port: int, what: str) -> None:
+    """OSError (one sentence) unless host:port can be bound now; port 0 (any free one) always can.
+    Checked before the engine starts so that a taken port is reported in a moment, not after Ray."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise OSError(f"{what} {host!r} is not an address of this machine ({exc.strerror})") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT is free
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            raise OSError(f"cannot serve {what} on {host}:{port}: {exc.strerror}; stop whatever holds "
+                          "the port or choose another (--port / --metrics-port, 0 for a free one)") from None
 
 
 def classes_of(manifest: dict) -> list[str] | None:
@@ -53,18 +72,18 @@ def classes_of(manifest: dict) -> list[str] | None:
     return [str(c) for c in classes] if classes else None
 
 
-async def _serve(cfg, backend, *, classes, checkpoint_id) -> dict:
+async def _serve(cfg, backend, *, classes, checkpoint_id, token) -> dict:
     from layerpar.serve.auth import security_warnings
     from layerpar.serve.server import InferenceServer
 
-    for warning in security_warnings(cfg.serve.host, token=cfg.serve.token, tls=bool(cfg.serve.tls_cert)):
+    for warning in security_warnings(cfg.serve.host, token=token, tls=bool(cfg.serve.tls_cert)):
         print(f"warning: {warning}", file=sys.stderr)
-    server = InferenceServer(cfg, backend, classes=classes, checkpoint_id=checkpoint_id)
+    server = InferenceServer(cfg, backend, classes=classes, checkpoint_id=checkpoint_id, token=token or "")
     address = await server.start()
     started = time.monotonic()
     print(f"serving layerpar.v1.Inference on {address}"
           + (f"  metrics {server.metrics_url}" if server.metrics_url else "")
-          + ("  (TLS)" if cfg.serve.tls_cert else "") + ("  (token required)" if cfg.serve.token else ""),
+          + ("  (TLS)" if cfg.serve.tls_cert else "") + ("  (token required)" if token else ""),
           flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -86,6 +105,19 @@ async def _serve(cfg, backend, *, classes, checkpoint_id) -> dict:
             "rows_computed": server.batcher.rows_computed}
 
 
+def load_weights_into(backend, ckpt_dir: Path | None):
+    """The checkpoint's weights (verified) into a fresh backend; its optimizer state is never read,
+    so a damaged optim.* file does not stop serving. Shuts the backend down if loading fails."""
+    if ckpt_dir is None:
+        return backend
+    try:
+        backend.load(ckpt_dir, weights_only=True)
+    except BaseException:
+        backend.shutdown()
+        raise
+    return backend
+
+
 def serve_main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="layerpar serve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,26 +126,31 @@ def serve_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", help="bind address (default serve.host = 127.0.0.1)")
     ap.add_argument("--port", type=int, help="gRPC port (0: a free one)")
     ap.add_argument("--metrics-port", type=int, help="Prometheus port (0: a free one, -1: off)")
-    ap.add_argument("--token", help="bearer token required on every call (or env LAYERPAR_SERVE_TOKEN)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="config override, repeatable")
     args = ap.parse_args(argv)
     try:
+        from layerpar.serve.auth import resolve_token
         from layerpar.train.checkpoint import CheckpointError
         from layerpar.train.local import make_backend
 
         cfg, ckpt_dir, manifest = resolve(args)
+        token = resolve_token(cfg.serve.token_file)
+        check_port_free(cfg.serve.host, cfg.serve.port, "gRPC")  # before Ray and the engine start
+        if cfg.serve.metrics_port > 0:
+            check_port_free(cfg.serve.metrics_host, cfg.serve.metrics_port, "metrics")
         if ckpt_dir is None:
             print("warning: no --checkpoint: serving freshly initialised (untrained) weights",
                   file=sys.stderr)
         checkpoint_id = f"{ckpt_dir.name}@step{manifest.get('step', '?')}" if ckpt_dir else ""
-        backend = make_backend(cfg, checkpoint=ckpt_dir)
+        backend = load_weights_into(make_backend(cfg), ckpt_dir)
     except (ConfigError, CheckpointError, OSError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         print(json.dumps({"error": str(exc)}))
         return 2
     try:
-        summary = asyncio.run(_serve(cfg, backend, classes=classes_of(manifest), checkpoint_id=checkpoint_id))
+        summary = asyncio.run(_serve(cfg, backend, classes=classes_of(manifest), checkpoint_id=checkpoint_id,
+                                     token=token))
     except (OSError, RuntimeError) as exc:  # e.g. the port is taken
         summary = {"error": f"cannot serve on {cfg.serve.host}:{cfg.serve.port}: {exc}"}
         print(f"error: {summary['error']}", file=sys.stderr)

@@ -6,7 +6,9 @@
 
 The dataset comes from the server's own config (ModelInfo), so the client needs no checkpoint; --set
 changes it (e.g. data.root where the files live on this machine). The last stdout line is one JSON
-object: accuracy, rows, requests, seconds, rows_per_s, degraded answers.
+object: accuracy, rows, requests, seconds, rows_per_s, degraded answers. Exit 0 on success; 2 when the
+input is refused (rows the server answers INVALID_ARGUMENT, e.g. values that overflow the model; a
+wrong token; a bad --set), each in one sentence; 1 when the server cannot be reached or fails.
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ from layerpar.config import ConfigError, from_dict, with_overrides
 from layerpar.data import DataError, batches, load_dataset
 from layerpar.serve.client import Client
 
+BAD_INPUT = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED)
+
+
+class Refused(ValueError):
+    """The server refused some rows as bad input (INVALID_ARGUMENT); the message names them."""
+
 
 def run(client: Client, *, split: str = "test", batch_size: int = 64, limit: int = 0,
         num_branches: int | None = None, overrides: list[str] | None = None) -> dict:
@@ -40,7 +48,13 @@ def run(client: Client, *, split: str = "test", batch_size: int = 64, limit: int
         x, y = x[: rows - sent].numpy(), y[: rows - sent].numpy()
         if not len(y):
             break
-        p = client.predict(x, num_branches=num_branches)
+        try:
+            p = client.predict(x, num_branches=num_branches)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            raise Refused(f"the server refused rows {sent}..{sent + len(y) - 1} of the {split} split: "
+                          f"{exc.details()}") from None
         correct += int(np.sum(p.predicted == y))
         degraded += int(p.degraded)
         requests += 1
@@ -74,8 +88,11 @@ def cli_main(argv: list[str] | None = None) -> int:
                           num_branches=args.num_branches, overrides=args.set)
     except grpc.RpcError as exc:
         summary = {"error": f"{exc.code().name}: {exc.details()}", "address": args.address}
-    except (ConfigError, DataError, OSError, ValueError) as exc:
-        summary = {"error": str(exc), "address": args.address}
+        bad_input = exc.code() in BAD_INPUT
+    except (ConfigError, DataError, ValueError) as exc:  # Refused included
+        summary, bad_input = {"error": str(exc), "address": args.address}, True
+    except OSError as exc:
+        summary, bad_input = {"error": str(exc), "address": args.address}, False
     if "error" in summary:
         print(f"error: {summary['error']}", file=sys.stderr)
     else:
@@ -83,4 +100,6 @@ def cli_main(argv: list[str] | None = None) -> int:
               f"{summary['rows']} rows with {summary['num_branches']} branches "
               f"({summary['rows_per_s']} rows/s)", file=sys.stderr)
     print(json.dumps(summary))
-    return 0 if "error" not in summary else 1
+    if "error" not in summary:
+        return 0
+    return 2 if bad_input else 1

@@ -7,6 +7,10 @@ Works with any Backend (LocalBackend, the Ray Engine). Optional hooks it uses wh
     backend.last_timings: dict[str, float]    seconds per phase of the last call (broadcast, compute, ...)
     backend.health() -> {"ready": bool, "workers": int, "workers_alive": int}
         called from a helper thread every serve.health_interval_s; must be cheap and thread-safe
+
+Rows whose values overflow the model come back as they were computed (NaN/Inf logits; a backend's
+InputOverflow hands them over): one merged batch may hold several requests, and only those with such
+a row are refused (the server checks each request's own rows). An overflow is not an engine failure.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import time
 
 import numpy as np
 import torch
+
+from layerpar.model.overflow import InputOverflow
 
 log = logging.getLogger("layerpar.serve")
 
@@ -44,6 +50,10 @@ class BackendRunner:
                         logits, meta = self.backend.infer_with_meta(x, num_branches=num_branches)
                     else:
                         logits, meta = self.backend.infer(x, num_branches=num_branches), {}
+            except InputOverflow as exc:  # the input's fault, not the engine's: keep every row
+                if exc.logits is None:
+                    raise
+                logits, meta = exc.logits, {}
             except Exception as exc:  # noqa: BLE001 - inference is idempotent: retry, then report
                 last = exc
                 if self.on_error:

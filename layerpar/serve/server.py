@@ -7,7 +7,9 @@ In Python (tests, benchmarks): ``with ServerThread(cfg, backend) as srv: Client(
 
 Services: layerpar.v1.Inference (Predict, ModelInfo), grpc.health.v1.Health (SERVING only while the
 backend reports every worker up; NOT_SERVING while draining or degraded below serve.min_live_fraction)
-and server reflection. Metrics: Prometheus text on 127.0.0.1:<serve.metrics_port>/metrics.
+and server reflection. Metrics: Prometheus text on <serve.metrics_host>:<serve.metrics_port>/metrics
+(127.0.0.1 unless told otherwise). Auth (layerpar/serve/auth.py): the token comes from
+serve.token_file or LAYERPAR_SERVE_TOKEN; serve.health_auth says whether health and reflection need it.
 SIGTERM / SIGINT: health turns NOT_SERVING, new calls get UNAVAILABLE, in-flight requests finish
 (at most serve.drain_timeout_s), then the server stops.
 """
@@ -25,12 +27,14 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from layerpar.model.overflow import InputOverflow, nonfinite_rows, overflow_message
 from layerpar.serve import layerpar_v1_pb2 as pb
-from layerpar.serve.auth import TokenAuth, server_credentials
+from layerpar.serve.auth import TokenAuth, resolve_token, server_credentials
 from layerpar.serve.batching import Batcher, DeadlineExpired, Draining, QueueFull
 from layerpar.serve.codec import BadRequest, InputSpec, decode_request, encode_response, parse_request
+from layerpar.serve.decoding import DecodeGuard
 from layerpar.serve.metrics import ServerMetrics
 from layerpar.serve.runner import BackendRunner, BackendUnavailable, probe
 
@@ -39,12 +43,23 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "layerpar.v1.
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 Code = grpc.StatusCode
 DRAIN_LINGER_S = 0.25
+# Metrics label of each method this server has; anything else is "unknown", so that made-up method
+# names (refused for want of a token) cannot create new series without bound.
+METHOD_LABELS = {f"/{service.full_name}/{m.name}": m.name for service in (
+    pb.DESCRIPTOR.services_by_name["Inference"], health_pb2.DESCRIPTOR.services_by_name["Health"],
+    reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]) for m in service.methods}
 
 
-def redacted_config(cfg, port: int | None = None) -> dict:
-    """The config as ModelInfo shows it: the bound port, no token, no key paths."""
+def method_label(method: str) -> str:
+    """"/layerpar.v1.Inference/Predict" -> "Predict"; a method this server does not have -> "unknown"."""
+    return METHOD_LABELS.get(method, "unknown")
+
+
+def redacted_config(cfg, port: int | None = None, *, token: bool = False) -> dict:
+    """The config as ModelInfo shows it: the bound port, whether a token is required, no key paths."""
     raw = cfg.to_dict()
-    raw["serve"] = {**raw["serve"], "token": "<set>" if cfg.serve.token else None,
+    raw["serve"] = {**raw["serve"], "token": "<set>" if token else None,
+                    "token_file": "<set>" if cfg.serve.token_file else None,
                     "tls_key": "<set>" if cfg.serve.tls_key else None}
     if port is not None:
         raw["serve"]["port"] = port
@@ -54,8 +69,12 @@ def redacted_config(cfg, port: int | None = None) -> dict:
 class InferenceServer:
     """One gRPC server on the current asyncio loop; start(), then stop() (drains first)."""
 
-    def __init__(self, cfg, backend, *, classes: list[str] | None = None, checkpoint_id: str = ""):
+    def __init__(self, cfg, backend, *, classes: list[str] | None = None, checkpoint_id: str = "",
+                 token: str | None = None):
+        """token: the bearer token calls must send; None reads serve.token_file, else the environment
+        variable LAYERPAR_SERVE_TOKEN (neither: no token)."""
         self.cfg, self.backend = cfg, backend
+        self.token = token if token is not None else resolve_token(cfg.serve.token_file)
         self.spec = InputSpec.from_config(cfg)
         self.metrics = ServerMetrics(max_batch=cfg.serve.max_batch)
         self.runner = BackendRunner(backend, retries=cfg.serve.retries,
@@ -78,8 +97,10 @@ class InferenceServer:
         self.batcher = Batcher(self._compute, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms,
                                max_queue=s.max_queue, on_batch=self.metrics.batch)
         self.metrics.track_queue(self.batcher.depth)
-        interceptors = [TokenAuth(s.token, on_refused=lambda m: self.metrics.request(m, "UNAUTHENTICATED"))] \
-            if s.token else []
+        count = self.metrics.request
+        interceptors = [TokenAuth(self.token, on_refused=lambda m: count(method_label(m), "UNAUTHENTICATED"),
+                                  health_auth=s.health_auth)] if self.token else []
+        interceptors.append(DecodeGuard(on_invalid=lambda m: count(method_label(m), "INVALID_ARGUMENT")))
         self.server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.max_receive_message_length", s.max_message_bytes),
@@ -108,7 +129,9 @@ class InferenceServer:
         await self.server.start()
         self.address, self.port = f"{host}:{port}", port
         if s.metrics_port >= 0:
-            self.metrics_url = f"http://{host}:{self.metrics.start_http(s.host, s.metrics_port)}/metrics"
+            mport = self.metrics.start_http(s.metrics_host, s.metrics_port)
+            mhost = f"[{s.metrics_host}]" if ":" in s.metrics_host else s.metrics_host
+            self.metrics_url = f"http://{mhost}:{mport}/metrics"
         await self._check_health()
         self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
         return self.address
@@ -188,6 +211,8 @@ class InferenceServer:
         """Runs on the batcher thread: one engine call for a merged batch."""
         try:
             logits, meta = self.runner(x, num_branches)
+        except InputOverflow:
+            raise  # the input's fault: the engine is fine
         except BaseException:
             self._engine_failed = True  # health says NOT_SERVING until an engine call succeeds again
             raise
@@ -237,9 +262,14 @@ class InferenceServer:
             return Code.DEADLINE_EXCEEDED, str(exc)
         except BackendUnavailable as exc:
             return Code.UNAVAILABLE, str(exc)
+        except InputOverflow as exc:
+            return Code.INVALID_ARGUMENT, str(exc)
         except Exception as exc:  # noqa: BLE001 - one bad engine call must not take the server down
             log.exception("engine call failed")
             return Code.INTERNAL, f"the engine failed: {type(exc).__name__}: {exc}"
+        bad = nonfinite_rows(out.logits)  # this request's rows only: its batch-mates are judged alone
+        if bad:
+            return Code.INVALID_ARGUMENT, overflow_message(bad, d.rows)
         meta = out.meta
         k = d.num_branches or self.spec.num_branches
         degraded = bool(meta.get("degraded", False))
@@ -261,8 +291,8 @@ class InferenceServer:
             input_dtype="float32", num_classes=m.num_classes, num_branches=m.num_branches,
             workers=self.workers, transport=str(self.info.get("transport", "local")),
             params=int(self.info.get("params", 0)), checkpoint_id=self.checkpoint_id,
-            config_json=json.dumps(redacted_config(self.cfg, self.port)), max_request_rows=s.max_request_rows,
-            max_batch=s.max_batch, degraded_policy=s.degraded)
+            config_json=json.dumps(redacted_config(self.cfg, self.port, token=bool(self.token))),
+            max_request_rows=s.max_request_rows, max_batch=s.max_batch, degraded_policy=s.degraded)
 
 
 class ServerThread:

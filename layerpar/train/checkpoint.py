@@ -17,6 +17,7 @@ that takes a checkpoint accepts the checkpoint directory itself or a RUN_DIR (it
     save_checkpoint(run_dir, pieces, config=cfg, step=120, epoch=3, optim=optim)
     ckpt = load_checkpoint(run_dir)             # sha256 of every file read is verified
     model.load_state_dict(model_state(ckpt))
+    ckpt = load_weights(run_dir)                # serving: the weights only; optim.* is never read
 """
 
 from __future__ import annotations
@@ -60,12 +61,7 @@ class Checkpoint:
     @property
     def config(self):
         """The run's Config, rebuilt (and validated) from the manifest."""
-        from layerpar.config import ConfigError, from_dict
-
-        try:
-            return from_dict(self.manifest["config"])
-        except ConfigError as exc:
-            raise CheckpointError(f"{self.path / MANIFEST}: stored config is invalid: {exc}") from None
+        return manifest_config(self.manifest, self.path / MANIFEST)
 
     @property
     def step(self) -> int:
@@ -338,6 +334,27 @@ def load_checkpoint(path: str | Path, pieces: list[str] | None = None, *,
             if name is not None:
                 ckpt.optim[piece] = _read_verified(ckpt_dir / name, files[name])
     return ckpt
+
+
+def load_weights(path: str | Path, pieces: list[str] | None = None) -> Checkpoint:
+    """The weights of a checkpoint (or a run's latest), each file verified against its sha256; the
+    optimizer state is neither read nor verified, so a damaged optim.* file does not stop serving."""
+    return load_checkpoint(path, pieces, with_optim=False)
+
+
+def manifest_config(manifest: dict[str, Any], where: str | Path = MANIFEST):
+    """The run's Config rebuilt (and validated) from a manifest. Manifests written before the serving
+    token left the config hold `serve.token`: it is dropped, never used (the token now comes from
+    LAYERPAR_SERVE_TOKEN or serve.token_file only)."""
+    from layerpar.config import ConfigError, from_dict
+
+    raw = dict(manifest["config"])
+    if isinstance(raw.get("serve"), dict):
+        raw["serve"] = {k: v for k, v in raw["serve"].items() if k != "token"}
+    try:
+        return from_dict(raw)
+    except ConfigError as exc:
+        raise CheckpointError(f"{where}: stored config is invalid: {exc}") from None
 
 
 def model_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from layerpar.model import ParaFormer, build_model
+from layerpar.model.overflow import check_finite_logits
 from layerpar.parallel.comm import LocalComm
 from layerpar.train.checkpoint import (
     CheckpointError,
@@ -31,7 +32,7 @@ from layerpar.train.step import train_step
 def check_model_config(cfg, ckpt_cfg, where: str) -> None:
     """A checkpoint fits a model only if every model field agrees; name the first that does not."""
     for name, value in vars(cfg.model).items():
-        if name == "dropout":  # training-only: changes neither the weights' shapes nor their meaning
+        if name in ("dropout", "dtype"):  # neither changes the weights' shapes or meaning (load casts)
             continue
         other = getattr(ckpt_cfg.model, name)
         if other != value:
@@ -76,13 +77,14 @@ class LocalBackend:
 
     @torch.no_grad()
     def infer(self, x: torch.Tensor, num_branches: int | None = None) -> torch.Tensor:
-        """(B, C, H, W) -> logits (B, classes) of the prefix model of the first num_branches."""
+        """(B, C, H, W) -> logits (B, classes) of the prefix model of the first num_branches.
+        Raises InputOverflow (a ValueError) when a row's values overflow the model (NaN/Inf logits)."""
         self.model.eval()
         if isinstance(self.model, ParaFormer):
-            return self.model(x, num_branches)
+            return check_finite_logits(self.model(x, num_branches))
         if num_branches not in (None, self.cfg.model.num_branches):
             raise ValueError(f"a ViT has no prefix models; num_branches must be None, got {num_branches}")
-        return self.model(x)
+        return check_finite_logits(self.model(x))
 
     def prefix_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (N, B, classes), the logits of every prefix k = 1..N ((1, B, C) for a ViT)."""
@@ -113,17 +115,18 @@ class LocalBackend:
             optim=split_pieces(optimizer_state(self.model, self.opt)), extra=extra,
         )
 
-    def load(self, path: str | Path) -> dict[str, Any]:
+    def load(self, path: str | Path, *, weights_only: bool = False) -> dict[str, Any]:
         """Restore weights, optimizer state and step from a checkpoint (or a RUN_DIR's latest);
-        returns its manifest."""
-        ckpt = load_checkpoint(path)
+        returns its manifest. weights_only (serving): the optimizer state is not read at all."""
+        ckpt = load_checkpoint(path, with_optim=not weights_only)
         check_model_config(self.cfg, ckpt.config, str(ckpt.path))
         try:
             self.model.load_state_dict(model_state(ckpt), strict=True)
         except RuntimeError as exc:
             raise CheckpointError(f"{ckpt.path}: weights do not fit the model ({exc})") from None
         self.opt = make_optimizer(self.model, self.cfg.train)  # fresh state, then the saved one
-        load_optimizer_state(self.model, self.opt, optim_state(ckpt))
+        if not weights_only:
+            load_optimizer_state(self.model, self.opt, optim_state(ckpt))
         self.step = ckpt.step
         return ckpt.manifest
 

@@ -38,7 +38,7 @@ def start_head(root: Path, *, num_cpus: int, dashboard: bool) -> dict:
     out = run(cmd, env=env, timeout_s=90)
     assert out.returncode == 0, f"ray start --head failed:\n{tail(out.stdout)}"
     return {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env,
-            "temp_dir": ray_temp_dir(root), "root": root}
+            "temp_dir": ray_temp_dir(root), "root": root, "client_port": client}
 
 
 @pytest.fixture

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ import yaml
 from cluster_helpers import REPO
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from layerpar.cluster_check import PLACEHOLDERS, WORD, check_cluster_yaml, scalars
 from layerpar.config import load_config
 from layerpar.train.loop import parse_args  # what launch/train.py parses its arguments with
 
@@ -167,9 +170,19 @@ def test_every_node_gets_the_package(path):
         assert remote.startswith("~/layerpar-src/")  # never ~/layerpar: see local.yaml
     assert mounts.get("~/.ray/auth_token") == "~/.ray/auth_token"
     setup = " ".join(cfg["setup_commands"])
-    assert "pip install -q -e ~/layerpar-src" in setup
+    for node_setup in ("head_setup_commands", "worker_setup_commands"):  # what each kind of node runs
+        assert "pip install -q -e ~/layerpar-src" in setup + " ".join(cfg[node_setup])
     assert "~/.layerpar_env" in setup and "RAY_AUTH_MODE=token" in setup
     assert ".gitignore" in cfg["rsync_filter"]  # never .venv/ or runs/
+
+
+def test_cloud_heads_install_the_cpu_torch_first():
+    """The head runs no branch worker: CPU torch before layerpar, so pip skips the CUDA build."""
+    for name in ("aws.yaml", "gcp.yaml"):
+        head = yaml.safe_load((CLUSTER_DIR / name).read_text())["head_setup_commands"]
+        cpu = next(i for i, c in enumerate(head) if "download.pytorch.org/whl/cpu" in c)
+        pkg = next(i for i, c in enumerate(head) if "-e ~/layerpar-src" in c)
+        assert cpu < pkg, name
 
 
 def test_gpu_workers_have_one_gpu_each():
@@ -190,7 +203,8 @@ def test_kuberay_rayjob_structure():
     assert spec["entrypoint"].startswith("python launch/train.py ")
     assert spec["shutdownAfterJobFinishes"] is True
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
-    assert set(runtime_env) == {"working_dir", "pip"}
+    assert set(runtime_env) == {"working_dir", "pip", "config"}
+    assert runtime_env["config"]["setup_timeout_seconds"] > 600  # a torch install outlasts Ray's default
     cluster = spec["rayClusterSpec"]
     assert cluster["rayVersion"] == ray.__version__
     assert cluster["authOptions"] == {"mode": "token"}
@@ -213,4 +227,130 @@ def test_kuberay_rayjob_structure():
 
 def test_versions_match_the_pinned_ray():
     pyproject = (REPO / "pyproject.toml").read_text()
-    assert f'"ray[default]=={ray.__version__}"' in pyproject
+    pins = re.findall(r'"ray\[([a-z,]+)\]==([0-9.]+)"', pyproject)
+    assert len(pins) == 1 and pins[0][1] == ray.__version__, pins
+    assert "default" in pins[0][0].split(",")  # `ray job submit` needs ray[default]
+
+
+# --- placeholders: refused before `ray up` (Ray's schema accepts them) ---
+
+FILLED = {"AWS_REGION": "us-west-2", "AWS_AVAILABILITY_ZONES": "us-west-2a,us-west-2b",
+          "AMI_ID": "ami-0123456789abcdef0", "GCP_REGION": "us-central1", "GCP_ZONE": "us-central1-a",
+          "GCP_PROJECT_ID": "my-project-123", "DLVM_IMAGE_FAMILY": "common-cu128", "NAMESPACE": "ml",
+          "REPO_ARCHIVE_URL": "https://example.org/layerpar-0123abc.zip"}
+SHIPPED_PLACEHOLDERS = {"aws.yaml": {"provider.region": "AWS_REGION", "provider.availability_zone":
+                                     "AWS_AVAILABILITY_ZONES",
+                                     "available_node_types.ray.head.default.node_config.ImageId": "AMI_ID"},
+                        "gcp.yaml": {"provider.project_id": "GCP_PROJECT_ID",
+                                     "provider.region": "GCP_REGION"},
+                        "kuberay-rayjob.yaml": {"metadata.namespace": "NAMESPACE",
+                                                "spec.runtimeEnvYAML.working_dir": "REPO_ARCHIVE_URL"}}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_PLACEHOLDERS))
+def test_unfilled_placeholders_are_refused_naming_the_key(name):
+    problem = check_cluster_yaml(CLUSTER_DIR / name)
+    assert problem is not None, f"{name} with its placeholders passed the check"
+    assert len(problem.splitlines()) == 1
+    for key, word in SHIPPED_PLACEHOLDERS[name].items():
+        assert f"{key} ({word})" in problem, problem
+
+
+def _filled_copy(name: str, tmp_path: Path) -> Path:
+    text = (CLUSTER_DIR / name).read_text()
+    for word, value in FILLED.items():
+        text = re.sub(rf"\b{word}\b", value, text)
+    out = tmp_path / name
+    out.write_text(text)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_PLACEHOLDERS))
+def test_a_filled_copy_passes_the_check(name, tmp_path):
+    assert check_cluster_yaml(_filled_copy(name, tmp_path)) is None
+
+
+def test_a_filled_copy_with_a_schema_error_is_refused(tmp_path):
+    path = _filled_copy("aws.yaml", tmp_path)
+    path.write_text(path.read_text().replace("max_workers: 4\n", "max_workers: four\n", 1))
+    problem = check_cluster_yaml(path)
+    assert problem and "schema rejects it" in problem
+
+
+def test_local_yaml_passes_and_the_cli_exits_2_on_placeholders():
+    ok = subprocess.run([sys.executable, "-m", "layerpar.cluster_utils", "check", "cluster/local.yaml"],
+                        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and ": ok" in ok.stdout, ok.stderr
+    bad = subprocess.run([sys.executable, "-m", "layerpar.cluster_utils", "check", "cluster/aws.yaml"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "provider.region (AWS_REGION)" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+
+
+# CAPITALISED words that are real values, not placeholders.
+REAL_VALUES = {"TERMINATE", "PERSISTENT", "STRICT_SPREAD", "CPU", "GPU", "README"}
+
+
+@pytest.mark.parametrize("path", ALL_YAMLS, ids=ids)
+def test_the_checker_knows_every_placeholder(path):
+    """Every CAPITALISED word in a value (shell commands aside) is a placeholder the check refuses,
+    or a known real value: a new placeholder cannot slip past the check."""
+    words = {w for key, text in scalars(yaml.safe_load(path.read_text()))
+             if "_commands[" not in key for w in WORD.findall(text) if len(w) >= 3}
+    assert words <= PLACEHOLDERS | REAL_VALUES, words - PLACEHOLDERS - REAL_VALUES
+
+
+# --- ray start / ray stop in the YAMLs ---
+
+def _ray_commands(cfg: dict, verb: str) -> list[list[str]]:
+    """The arguments of every `ray VERB ...` in the start commands (split at `;` and `&&`)."""
+    found = []
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        for cmd in cfg[key]:
+            for part in re.split(r";|&&", cmd):
+                words = shlex.split(part.strip())
+                if words[:2] == ["ray", verb]:
+                    found.append(words[2:])
+    return found
+
+
+@pytest.mark.parametrize("path", LAUNCHER_YAMLS, ids=launcher_ids)
+def test_ray_start_commands_parse_and_name_their_ports(path):
+    """Ray's own CLI parser accepts every `ray start` (a misspelt flag fails here); the ports that
+    collide with another Ray on the machine are written out, so a user can move them."""
+    from ray.scripts.scripts import start
+
+    cfg = yaml.safe_load(path.read_text())
+    starts = _ray_commands(cfg, "start")
+    assert len(starts) == 2
+    for args in starts:
+        start.make_context("start", list(args))
+        assert any(a.startswith("--dashboard-agent-listen-port=") for a in args), args
+    (head,) = [a for a in starts if "--head" in a]
+    for flag in ("--port=", "--dashboard-port=", "--ray-client-server-port=", "--dashboard-host=127.0.0.1"):
+        assert any(a.startswith(flag) for a in head), f"{path.name}: the head sets no {flag}"
+
+
+def test_local_yaml_never_runs_a_bare_ray_stop():
+    """One machine: stop this cluster's node by its temp dir, and make `ray down`'s `ray stop` (run in
+    a login shell that sources ~/.layerpar_env) do the same."""
+    cfg = yaml.safe_load((CLUSTER_DIR / "local.yaml").read_text())
+    assert _ray_commands(cfg, "stop") == []
+    temp_dirs = {a.split("=", 1)[1] for args in _ray_commands(cfg, "start") for a in args
+                 if a.startswith("--temp-dir=")}
+    assert len(temp_dirs) == 1
+    (temp_dir,) = temp_dirs
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        assert cfg[key][0] == f"python -m layerpar.cluster_utils stop-ray {temp_dir}"
+    setup = "\n".join(cfg["setup_commands"])
+    assert f"LAYERPAR_RAY_TEMP_DIR={temp_dir}" in setup
+    assert "ray() { if [" in setup and 'stop-ray "$LAYERPAR_RAY_TEMP_DIR"' in setup
+
+
+def test_cloud_fixes():
+    gcp = yaml.safe_load((CLUSTER_DIR / "gcp.yaml").read_text())
+    # Compute Engine wants an object; a list is rejected
+    assert gcp["available_node_types"]["ray_worker_gpu"]["node_config"]["scheduling"] == \
+        {"onHostMaintenance": "TERMINATE"}
+    aws = yaml.safe_load((CLUSTER_DIR / "aws.yaml").read_text())
+    assert aws["provider"]["cache_stopped_nodes"] is False  # stopped nodes' volumes keep billing

@@ -28,8 +28,10 @@ from layerpar.train.checkpoint import load_checkpoint, model_state
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
 # The tiny synthetic config (4 branches, 4 classes): 16 steps, seconds of compute, and a model well
-# above chance (~0.6 test accuracy), so "the same result" is a statement about a trained model.
-TRAIN = ["--config", "tiny", "--set", "train.epochs=4"]
+# above chance (~0.6 test accuracy), so "the same result" is a statement about a trained model. In
+# float64, where the distributed algebra equals the single-process algebra to rounding (~1e-16): a
+# float32 comparison sits on reordering noise that AdamW amplifies to ~1e-5 (issue 13).
+TRAIN = ["--config", "tiny", "--set", "train.epochs=4", "--set", "model.dtype=float64"]
 
 
 def _read_first_line(proc: subprocess.Popen, timeout_s: float) -> str:
@@ -94,13 +96,14 @@ def _weights(summary: dict) -> dict[str, torch.Tensor]:
 
 def _assert_same_model(dist: dict, single: dict) -> None:
     assert dist["steps"] == single["steps"]
-    assert dist["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=1e-9)
-    assert dist["test_loss"] == pytest.approx(single["test_loss"], abs=1e-5)
-    # the saved weights, piece by piece (tests/ray's engine-parity tolerance)
+    assert dist["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=1e-12)
+    assert dist["test_loss"] == pytest.approx(single["test_loss"], abs=1e-8)
+    assert single["test_accuracy"] >= 0.5  # a trained model: chance is 0.25
+    # the saved weights, piece by piece, at float64's parity tolerance
     a, b = _weights(dist), _weights(single)
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-10, msg=lambda m, k=key: f"{k}: {m}")
 
 
 def test_strict_spread_puts_each_worker_on_its_own_node(three_nodes, single_process_run):

@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -37,7 +39,8 @@ def reference_state(*, branches=3, depth=2, dim=24, dim_head=8, mlp=32, patch=2,
         return mean + scale * torch.randn(*shape, generator=g)
 
     heads, inner = 3, 3 * dim_head  # Attention(dim, heads=3, dim_head): inner_dim = dim_head * heads
-    patch_dim, tokens = channels * patch * patch, (image // patch) ** 2 + 1
+    (ih, iw), (ph, pw) = (t if isinstance(t, tuple) else (t, t) for t in (image, patch))  # pair()
+    patch_dim, tokens = channels * ph * pw, (ih // ph) * (iw // pw) + 1
     sd = {
         "to_patch_embedding.1.weight": rnd(dim, patch_dim), "to_patch_embedding.1.bias": rnd(dim),
         "pos_embedding": rnd(1, tokens, dim, scale=1.0), "cls_token": rnd(1, 1, dim, scale=1.0),
@@ -185,6 +188,103 @@ def test_import_refuses_pickled_code(tmp_path):
     torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "module.pt")  # a pickled module object
     with pytest.raises(LifecycleError, match="weights_only=True"):
         import_reference(tmp_path / "module.pt", tmp_path / "run")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """The console script in its own process: exit code, stdout and stderr as a person sees them."""
+    return subprocess.run([sys.executable, "-m", "layerpar.cli", "import-reference", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_import_empty_file_is_one_sentence_exit_2(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    proc = run_cli(tmp_path / "empty.pt", "--out", tmp_path / "run")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "is empty (0 bytes)" in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_import_report_states_the_pool_it_assumed(tmp_path):
+    sd = reference_state(branches=2, depth=1)
+    torch.save(sd, tmp_path / "mean.pt")  # trained with pool="mean": nothing in the tensors says so
+    report = import_reference(tmp_path / "mean.pt", tmp_path / "guessed")
+    assert report["pool"] == "cls"
+    note = report["assumed"]["pool"]
+    assert "layerpar's default" in note and "cannot be inferred" in note
+    assert "--set model.pool=mean" in note
+
+    report = import_reference(tmp_path / "mean.pt", tmp_path / "named", overrides=["model.pool=mean"])
+    assert report["pool"] == "mean" and "from --set model.pool=mean" in report["assumed"]["pool"]
+    img = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():  # the named pool gives the authors' logits; the guess does not
+        torch.testing.assert_close(load_model(tmp_path / "named")(img),
+                                   reference_forward(sd, img, patch=2, pool="mean"), atol=1e-5, rtol=0)
+        assert not torch.allclose(load_model(tmp_path / "guessed")(img),
+                                  reference_forward(sd, img, patch=2, pool="mean"), atol=1e-3)
+    assert import_reference(tmp_path / "mean.pt", tmp_path / "cfg", config="digits")["pool"] == "mean"
+
+
+def test_import_four_channels_refused_until_named(tmp_path):
+    sd = reference_state(channels=4, patch=4, image=32, branches=1, depth=1)  # 64 = 4*4*4 = 1*8*8
+    torch.save(sd, tmp_path / "rgba.pt")
+    with pytest.raises(LifecycleError) as err:
+        import_reference(tmp_path / "rgba.pt", tmp_path / "run")
+    msg = str(err.value)
+    assert "4 channels in 4x4 patches (32x32 images) or 1 channel in 8x8 patches" in msg
+    assert all(flag in msg for flag in ("--channels", "--patch-size", "--image-size"))
+    assert not (tmp_path / "run").exists()
+
+    proc = run_cli(tmp_path / "rgba.pt", "--out", tmp_path / "run", "--channels", "4")
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads(proc.stdout)["model"]
+    assert (m["in_channels"], m["image_size"], m["patch_size"]) == (4, 32, 4)
+    img = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "run")(img), reference_forward(sd, img, patch=4),
+                                   atol=1e-5, rtol=0)
+    for hint in (["model.in_channels=4"], ["model.image_size=32"], ["model.patch_size=4"]):
+        assert import_reference(tmp_path / "rgba.pt", tmp_path / hint[0], overrides=hint)["model"][
+            "in_channels"] == 4
+    with pytest.raises(LifecycleError, match=r"--channels 4 and data.name=digits \(1 channel\) disagree"):
+        import_reference(tmp_path / "rgba.pt", tmp_path / "r2", in_channels=4, overrides=["data.name=digits"])
+    with pytest.raises(LifecycleError, match="--channels 3 does not fit the weights"):
+        import_reference(tmp_path / "rgba.pt", tmp_path / "r3", in_channels=3)
+
+
+def test_import_grey_patches_read_from_a_named_dataset(tmp_path):
+    torch.save(reference_state(channels=1, patch=4, image=16, branches=1, depth=1), tmp_path / "g.pt")
+    with pytest.raises(LifecycleError, match="4 channels in 2x2 patches"):  # grey 4x4 or RGBA 2x2
+        import_reference(tmp_path / "g.pt", tmp_path / "run")
+    report = import_reference(tmp_path / "g.pt", tmp_path / "run", overrides=["data.name=fashion_mnist"])
+    assert (report["model"]["in_channels"], report["model"]["patch_size"]) == (1, 4)
+    assert "data.name=fashion_mnist" in report["assumed"]["geometry"]
+
+
+@pytest.mark.parametrize("shape", [
+    dict(image=(16, 8), patch=2),              # non-square image: a 8x4 grid
+    dict(image=16, patch=(2, 4)),              # non-square patch: an 8x4 grid
+    dict(image=(8, 16), patch=(1, 2)),         # square 8x8 grid, 2 values per patch
+    dict(image=(16, 32), patch=(2, 4), channels=3),  # square grid, 24 = 3 * 2 * 4 values per patch
+])
+def test_import_refuses_non_square_models(tmp_path, shape):
+    torch.save(reference_state(branches=1, depth=1, **shape), tmp_path / "ns.pt")
+    with pytest.raises(LifecycleError, match="square") as err:
+        import_reference(tmp_path / "ns.pt", tmp_path / "run")
+    assert "\n" not in str(err.value) and not (tmp_path / "run").exists()
+
+
+def test_import_bad_files_say_what_they_are(tmp_path):
+    (tmp_path / "garbage.pt").write_bytes(bytes(range(256)) * 16)
+    with pytest.raises(LifecycleError, match="not a readable torch.save file") as err:
+        import_reference(tmp_path / "garbage.pt", tmp_path / "run")
+    assert "weights_only=False" not in str(err.value) and "will likely succeed" not in str(err.value)
+    torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "module.pt")
+    with pytest.raises(LifecycleError, match="pickled Python objects") as err:
+        import_reference(tmp_path / "module.pt", tmp_path / "run")
+    assert "weights_only=False" not in str(err.value)
+    (tmp_path / "dir.pt").mkdir()
+    with pytest.raises(LifecycleError, match="is a directory"):
+        import_reference(tmp_path / "dir.pt", tmp_path / "run")
 
 
 # ----------------------------------------------------------------------------- compress

@@ -1,5 +1,12 @@
 """Shared-memory input slots (runtime/shm.py) without Ray: what a worker reads is what the driver
-held, slots are reused only once free, grow for larger batches and vanish on close."""
+held, slots are reused only once free, grow for larger batches and vanish on close; they are 0600,
+and the slots a killed driver left behind are removed by the next start."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,3 +37,44 @@ def test_a_held_batch_reads_back_exactly_and_slots_are_reused_grown_and_unlinked
     assert len(paths) == 3 and all(p.exists() for p in paths)
     slots.close()
     assert not any(p.exists() for p in paths)
+
+
+def test_slot_files_are_private_to_their_owner():
+    slots = shm.InputSlots("layerpar-test")
+    try:
+        with slots.hold(np.zeros(4, np.float32)) as ref:
+            assert os.stat(ref.path).st_mode & 0o777 == 0o600
+    finally:
+        slots.close()
+
+
+CHILD = """
+import sys, time
+import numpy as np
+from layerpar.runtime import shm
+slots = shm.InputSlots("layerpar-test")
+with slots.hold(np.ones(8, np.float32)) as ref:
+    print(ref.path, flush=True)
+    time.sleep(600)  # killed here, before close()
+"""
+
+
+def test_slots_of_a_killed_driver_are_removed_by_the_next_start():
+    proc = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True)
+    try:
+        left = Path(proc.stdout.readline().strip())
+        assert left.name.startswith(f"layerpar-test-{proc.pid}-"), left
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert left.exists()  # a killed driver leaves its slot behind ...
+    live = shm.InputSlots("layerpar-test")  # ... until the next start on this host
+    try:
+        with live.hold(np.zeros(4, np.float32)) as mine:
+            assert not left.exists()
+            shm.InputSlots("layerpar-test").close()  # a second start spares a running driver's slots
+            assert Path(mine.path).exists()
+    finally:
+        live.close()
