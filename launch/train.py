@@ -9,18 +9,30 @@
     python launch/train.py --config digits --run-dir runs/my-run    # resumes if it holds a checkpoint
     python launch/train.py --config digits --resume runs/my-run/checkpoints/step_0000420
     python launch/train.py --config digits --address auto           # an existing Ray cluster
+    python launch/train.py --config digits --set train.storage=s3://bucket/runs   # checkpoints there
+    python launch/train.py --config tiny --set data.name=folder --set data.root=my_images \
+        --set model.num_classes=3 --set parallel.workers=2          # your own images (train/<class>/)
+
+With parallel.workers >= 1 the run is a Ray Train job (ray.train.torch.TorchTrainer, Ray Train v2):
+every rank runs the whole loop on its share of the branches; parallel.* sets the ScalingConfig,
+train.max_failures the FailureConfig (a lost worker restarts the group from the latest checkpoint) and
+train.storage (default: the run directory's parent; a path or s3:// / gs:// URI) the RunConfig.
+parallel.workers=0 trains in this process without Ray.
 
 Each run writes RUN_DIR/config.yaml (the resolved config), metrics.jsonl (one line per epoch),
-checkpoints/step_NNNNNNN/ and result.json. Progress goes to stderr; the last line of stdout is one JSON
-object: run_dir, test_accuracy, val_accuracy, prefix_accuracy (k = 1..N), train_seconds, params,
-workers, transport, epochs, steps. A bad config, a missing dataset or a bad checkpoint prints one line
-on stderr and exits with 2. Same as `layerpar train ...`.
+checkpoints/step_NNNNNNN/ (under train.storage when set) and result.json. Progress goes to stderr (a
+bar with epoch, loss and samples/s); the last line of stdout is one JSON object: run_dir,
+test_accuracy, val_accuracy, prefix_accuracy (k = 1..N), train_seconds, total_seconds, params,
+workers, transport, epochs, steps, checkpoint, failures, restarts, trainer, storage, phases (per rank:
+step, compute, collectives and data ms per step). A bad config, a missing dataset or a bad checkpoint
+prints one line on stderr and exits with 2; a run Ray Train gives up on, one line and 1.
+Same as `layerpar train ...`.
 """
 
 import os
 import sys
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray stays on loopback (NOTES.md)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray stays on loopback (docs/CLUSTER.md)
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from layerpar.train.loop import cli_main  # noqa: E402

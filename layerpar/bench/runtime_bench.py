@@ -16,6 +16,7 @@ import ray
 import torch
 
 from layerpar.bench.harness import measure
+from layerpar.bench.spmd_bench import spmd_train_step_ms
 from layerpar.config import Config, load_config
 from layerpar.model import ParaFormer, ViT
 from layerpar.parallel.comm import LocalComm
@@ -92,7 +93,8 @@ def two_worker_speedup(reps: int) -> dict:
 
 
 def training_throughput(steps: int) -> dict:
-    """Samples/s of train_step: W = 2 workers (one thread each) vs one process (1 and 2 threads)."""
+    """Samples/s of train_step: W = 2 Ray Train ranks (one thread each, the SPMD path launch/train.py
+    runs) vs one process (1 and 2 threads)."""
     cfg = _cfg("fashion_mnist", "data.name=synthetic", "train.batch_size=128")
     x = _input(cfg, cfg.train.batch_size)
     y = torch.randint(0, cfg.model.num_classes, (x.shape[0],))
@@ -108,11 +110,16 @@ def training_throughput(steps: int) -> dict:
         timing, _ = measure(step, warmup=2, reps=steps, min_reps=3, max_seconds=30)
         out[f"train_samples_per_s_1proc_{threads}thread"] = x.shape[0] / (timing.p50_ms / 1e3)
     torch.set_num_threads(1)
-    with Engine(cfg.replace(parallel={"workers": 2}), total_steps=10**6) as engine:
-        timing, _ = measure(lambda: engine.train_step(x, y), warmup=2, reps=steps, min_reps=3,
-                            max_seconds=30)
-    out["train_samples_per_s_w2"] = x.shape[0] / (timing.p50_ms / 1e3)
+    # W = 2 on the SPMD path (Ray Train ranks run the step themselves; nothing goes through the driver)
+    spmd = spmd_train_step_ms(cfg, workers=2, steps=max(steps, 5))
+    out["train_samples_per_s_w2"] = x.shape[0] / (spmd["step_ms"] / 1e3)
     out["train_speedup_w2"] = out["train_samples_per_s_w2"] / out["train_samples_per_s_1proc_1thread"]
+    out["train_w2_vs_2threads"] = out["train_samples_per_s_w2"] / out["train_samples_per_s_1proc_2thread"]
+    for r in spmd["ranks"]:  # what the collectives cost each rank, per step
+        print(f"[bench] training W=2 rank {r['rank']}: step {r['step_ms']:.1f} ms = compute "
+              f"{r['compute_ms']:.1f} + collectives {r['collectives_ms']:.1f} (data {r['data_ms']:.2f})",
+              file=sys.stderr, flush=True)
+    out["train_w2_ranks"] = spmd["ranks"]
     return out
 
 

@@ -6,7 +6,8 @@
 
 Datasets (cfg.data.name): digits (scikit-learn), fashion_mnist (IDX files, Debian package
 dataset-fashion-mnist), cifar10 / cifar100 (python-pickle distribution in a local directory),
-synthetic (seeded class patterns). Images whose side differs from model.image_size are resized
+synthetic (seeded class patterns), folder (your own images, ROOT/train/<class>/*.png|jpg, read with
+Pillow). Images whose side differs from model.image_size are resized
 bilinearly per batch; a channel or class-count mismatch with the model is a DataError.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 from layerpar.data.base import DataError, Raw, Split, Splits, batches, stratified_split, to_split
 from layerpar.data.cifar import load_cifar
+from layerpar.data.folder import load_folder
 from layerpar.data.sources import load_digits, load_fashion_mnist, load_synthetic
 
 __all__ = ["DataError", "Split", "Splits", "batches", "load_dataset"]
@@ -27,6 +29,8 @@ def _read(cfg) -> Raw:
         return load_fashion_mnist(d.root)
     if d.name in ("cifar10", "cifar100"):
         return load_cifar(d.name, d.root)
+    if d.name == "folder":
+        return load_folder(d.root, channels=m.in_channels, side=m.image_size, seed=d.seed)
     if d.name == "synthetic":
         return load_synthetic(d.synthetic_size, num_classes=m.num_classes, channels=m.in_channels,
                               side=m.image_size, seed=d.seed)

@@ -38,6 +38,16 @@ class BranchShard:
         for r, group in process_group.new_prefix_groups(self.layout.num_workers).items():
             self.comms[r] = GroupComm(self.layout, group)
 
+    def attach_group(self) -> GroupComm:
+        """Use a default process group someone else formed (Ray Train's TorchTrainer, torchrun) for
+        training: one comm over every rank; the inference sub-groups are not made."""
+        comm = GroupComm(self.layout, None)
+        if comm.world_size != self.layout.num_workers:
+            raise RuntimeError(f"the process group has {comm.world_size} ranks but parallel.workers is "
+                               f"{self.layout.num_workers}")
+        self.comms[self.layout.num_workers] = comm
+        return comm
+
     def leave_group(self) -> None:
         self.comms = {1: LocalComm()}
         process_group.destroy()

@@ -1,5 +1,6 @@
-"""Training: the shared step, the optimizer, checkpoints, evaluation, the single-process backend and
-the loop that drives any backend.
+"""Training: the shared step, the optimizer, checkpoints, evaluation, the single-process loop, and
+for parallel.workers >= 1 the Ray Train job (raytrain.py: the driver; spmd.py: the loop every rank
+runs; shard_checkpoint.py: checkpoints written by every rank; tune.py: a Ray Tune sweep over it).
 
     from layerpar.train import run_training
     result = run_training(load_config("digits", ["parallel.workers=0"]))

@@ -88,10 +88,15 @@ def train_epoch(backend, split, cfg, *, epoch: int, skip: int, step: int, bar,
 
 
 def run_training(cfg, run_dir: str | Path | None = None, *, resume: str | Path | None = None,
-                 progress: bool = True) -> dict[str, Any]:
+                 progress: bool = True, callbacks: list | None = None,
+                 trainer: str = "auto") -> dict[str, Any]:
     """Train (or resume) one run and evaluate it on the test split; returns the result dict that
     launch/train.py prints. `resume` is a checkpoint or run dir to start from; without it, a run dir
-    that already holds a checkpoint resumes from its latest."""
+    that already holds a checkpoint resumes from its latest.
+
+    parallel.workers >= 1 runs under Ray Train (raytrain.fit; `callbacks` are its UserCallbacks, e.g.
+    Tune's). trainer="engine" instead drives the runtime Engine's train_step from this loop: the
+    old driver-fed path, kept only for train/restart.py and the fault test that exercises it."""
     t_start = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
     splits = load_dataset(cfg)  # data errors surface before anything is written
@@ -106,18 +111,31 @@ def run_training(cfg, run_dir: str | Path | None = None, *, resume: str | Path |
     t = cfg.train
     bpe = batches_per_epoch(int(splits.train.y.shape[0]), t.batch_size)
     total_steps = t.epochs * bpe * steps_per_batch(cfg)
-    start_epoch, skip, prior_seconds, step = 0, 0, 0.0, 0
+    start_epoch, skip, prior_seconds, prior_total, step = 0, 0, 0.0, 0.0, 0
     if start_from is not None:
         manifest = read_manifest(start_from)
         extra = manifest.get("extra", {})
         start_epoch, skip = int(manifest["epoch"]), int(extra.get("epoch_batches", 0))
         step = int(manifest["step"])  # optimizer steps taken (the schedule's position)
         prior_seconds = float(extra.get("train_seconds", 0.0))
+        # wall time of the runs before this one (older checkpoints only stored their training time)
+        prior_total = float(extra.get("total_seconds", prior_seconds))
     eval_bs = max(t.batch_size, 256)
     metrics_path = run_dir / "metrics.jsonl"
     log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else (lambda msg: None)
     if start_from is not None:
         log(f"resuming from {start_from} (epoch {start_epoch}, +{skip} batches)")
+
+    if cfg.parallel.workers >= 1 and trainer != "engine":  # every rank runs the loop, under Ray Train
+        from layerpar.train.raytrain import fit
+
+        out = fit(cfg, run_dir, start_from=start_from, bpe=bpe, initial=start_epoch * bpe + skip,
+                  progress=progress, callbacks=callbacks)
+        total = round(prior_total + time.perf_counter() - t_start, 3)  # >= train_seconds (issue 14)
+        result = {"run_dir": str(run_dir), **out, "kind": cfg.model.kind, "mode": t.mode,
+                  "dataset": cfg.data.name, "total_seconds": total}
+        (run_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+        return result
 
     backend = None
     bar = None
@@ -162,7 +180,8 @@ def run_training(cfg, run_dir: str | Path | None = None, *, resume: str | Path |
             finished = epoch + 1 == t.epochs
             over_budget = bool(budget_s) and elapsed > budget_s
             if stopped_early or finished or over_budget or (epoch + 1) % t.checkpoint_every == 0:
-                extra = {"train_seconds": prior_seconds + elapsed}
+                extra = {"train_seconds": prior_seconds + elapsed,
+                         "total_seconds": prior_total + time.perf_counter() - t_start}
                 if stopped_early:
                     extra.update(epoch_batches=done, stopped_early=True)
                 last_ckpt = backend.save(run_dir, epoch=epoch + (0 if stopped_early else 1),
@@ -186,7 +205,7 @@ def run_training(cfg, run_dir: str | Path | None = None, *, resume: str | Path |
             "val_accuracy": val["accuracy"],
             "prefix_accuracy": test["prefix_accuracy"],
             "train_seconds": round(train_seconds, 3),
-            "total_seconds": round(time.perf_counter() - t_start, 3),
+            "total_seconds": round(prior_total + time.perf_counter() - t_start, 3),
             "params": info["params"],
             "workers": info["workers"],
             "worker_nodes": info.get("nodes", []),  # Ray node id of each worker ([] in-process)
@@ -198,6 +217,8 @@ def run_training(cfg, run_dir: str | Path | None = None, *, resume: str | Path |
             "steps": step,
             "stopped_early": stopped_early,
             "checkpoint": str(last_ckpt) if last_ckpt is not None else None,
+            "failures": 0, "restarts": [], "storage": str(run_dir), "phases": [],
+            "trainer": "local" if cfg.parallel.workers < 1 else "layerpar Engine (driver-fed)",
         }
         (run_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
         return result
@@ -236,11 +257,14 @@ def cli_main(argv: list[str] | None = None) -> int:
             cfg = cfg.replace(train={"out_dir": args.out_dir})
         if args.address is not None:
             cfg = cfg.replace(parallel={"address": args.address})
-        from layerpar.train.restart import run_with_restarts  # train.max_failures (issue 7)
-
-        result = run_with_restarts(cfg, args.run_dir, resume=args.resume, progress=not args.quiet)
+        result = run_training(cfg, args.run_dir, resume=args.resume, progress=not args.quiet)
     except (ConfigError, DataError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # raytrain.TrainingError, ClusterError: one line, not a traceback
+        if type(exc).__name__ not in ("TrainingError", "ClusterError"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps(result), flush=True)
     return 0

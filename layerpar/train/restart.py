@@ -1,4 +1,9 @@
-"""Automatic restart of a distributed training run after a lost worker (train.max_failures).
+"""Automatic restart of a driver-fed Engine training run after a lost worker (train.max_failures).
+
+Superseded: launch/train.py and run_training train distributed runs under Ray Train
+(layerpar.train.raytrain), whose controller restarts the worker group itself. This module and the
+Engine-driven loop it runs (run_training(trainer="engine")) stay only while
+tests/faults/test_training_restart.py exercises them; delete both together.
 
     result = run_with_restarts(cfg, run_dir="runs/my-run")   # same arguments as run_training
 
@@ -48,7 +53,7 @@ def run_with_restarts(cfg, run_dir: str | Path | None = None, *, resume: str | P
     train.max_failures times."""
     catch = _worker_errors(cfg)
     if not catch:  # one process: no worker to lose
-        return {**run_training(cfg, run_dir, resume=resume, progress=progress), "failures": 0, "restarts": []}
+        return run_training(cfg, run_dir, resume=resume, progress=progress)
     if run_dir is None and resume is not None:  # as run_training does: resuming a run writes into it
         start = resolve_checkpoint(resume)
         if start.parent.name == CHECKPOINTS:
@@ -60,7 +65,7 @@ def run_with_restarts(cfg, run_dir: str | Path | None = None, *, resume: str | P
         start_from = resume if latest_checkpoint(run_dir) is None else None
         t0 = time.perf_counter()
         try:
-            result = run_training(cfg, run_dir, resume=start_from, progress=progress)
+            result = run_training(cfg, run_dir, resume=start_from, progress=progress, trainer="engine")
         except catch as exc:
             ckpt = latest_checkpoint(run_dir) or (resolve_checkpoint(resume) if resume else None)
             epoch = read_manifest(ckpt)["epoch"] if ckpt is not None else 0

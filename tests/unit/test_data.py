@@ -289,3 +289,47 @@ def test_batches_deterministic_and_cover_the_split():
     assert torch.equal(resumed, first[40:])
     for x, y in batches(split, 7, seed=0, epoch=2):  # x and y stay paired
         assert torch.equal(x.flatten().long(), y)
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+def folder_cfg(root, **model):
+    return cfg_for({"name": "folder", "root": str(root), "val_fraction": 0.25},
+                   **{"image_size": 8, "num_classes": 3, "patch_size": 4, **model})
+
+
+def test_image_folder_reads_train_and_test_trees(tmp_path):
+    from tests.imagefolder import CLASSES, make_tree
+
+    root = make_tree(tmp_path / "imgs", per_class=8, test_per_class=3, side=12)
+    splits = load_dataset(folder_cfg(root))
+    assert splits.classes == list(CLASSES) and splits.image_shape == (1, 8, 8)  # resized to 8x8
+    assert len(splits.train) + len(splits.val) == 24 and len(splits.test) == 9
+    assert splits.test.y.tolist() == [0] * 3 + [1] * 3 + [2] * 3  # sorted class folders
+    x = splits.train.x
+    assert x.dtype == torch.float32 and abs(x.mean().item()) < 0.1  # normalised by train's stats
+    rgb = load_dataset(folder_cfg(make_tree(tmp_path / "rgb", per_class=4, mode="RGB"), in_channels=3))
+    assert rgb.image_shape == (3, 8, 8)
+
+
+def test_image_folder_without_test_tree_splits_by_seed(tmp_path):
+    from tests.imagefolder import make_tree
+
+    root = make_tree(tmp_path / "imgs", per_class=10, with_test=False)
+    a, b = load_dataset(folder_cfg(root)), load_dataset(folder_cfg(root))
+    assert len(a.test) == 6 and torch.equal(a.test.x, b.test.x)  # 20% of each class, fixed by seed
+    assert sorted(a.test.y.tolist()) == [0, 0, 1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("setup,words", [
+    (lambda root: None, "not found or has no train/ directory"),
+    (lambda root: (root / "train" / "a").mkdir(parents=True) or (root / "train" / "b").mkdir(),
+     "holds no images"),
+    (lambda root: (root / "train" / "a").mkdir(parents=True), "at least 2 class folders"),
+])
+def test_image_folder_missing_or_empty_is_one_clear_error(tmp_path, setup, words):
+    root = tmp_path / "imgs"
+    setup(root)
+    with pytest.raises(DataError, match=words):
+        load_dataset(folder_cfg(root))

@@ -173,3 +173,22 @@ def test_launch_script_errors_are_one_line(tmp_path, args, words):
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], proc.stderr
     assert not (tmp_path / "runs").exists()  # nothing written for a run that never started
+
+
+def test_resumed_run_counts_earlier_time_in_total_seconds(tmp_path, tiny_cfg):
+    # A run stopped after one batch, whose checkpoint says 1000 s were trained before (an old
+    # checkpoint: train_seconds only). The resumed run's total wall time must include them too:
+    # total_seconds < train_seconds was the inconsistency (issue 14).
+    cfg = tiny_cfg.replace(train={"epochs": 2})
+    stopped = run_training(cfg.replace(train={"max_minutes": 1e-9}), tmp_path / "part", progress=False)
+    manifest_file = Path(stopped["checkpoint"]) / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    assert manifest["extra"]["total_seconds"] >= manifest["extra"]["train_seconds"]
+    manifest["extra"] = {**manifest["extra"], "train_seconds": 1000.0}
+    del manifest["extra"]["total_seconds"]
+    manifest_file.write_text(json.dumps(manifest))  # the manifest is not hashed; its files are
+    resumed = run_training(cfg, tmp_path / "part", progress=False)
+    assert resumed["train_seconds"] >= 1000.0
+    assert resumed["total_seconds"] >= resumed["train_seconds"]
+    assert json.loads((tmp_path / "part" / "result.json").read_text())["total_seconds"] == \
+        resumed["total_seconds"]

@@ -1,0 +1,265 @@
+"""The training loop every rank of a Ray Train worker group runs (SPMD): nothing is fed by a driver.
+
+    TorchTrainer(train_loop_per_worker, train_loop_config={"cfg": cfg.to_dict(), ...})
+
+Each rank builds its BranchShard (its branches plus replicas of the embedding and head), reads the
+dataset itself and draws the same seeded batches and augmentation as every other rank and as the
+single-process loop (layerpar.train.loop), so nothing is broadcast: only the pooled (K_w, B, D) branch
+rows (one all_gather) and the replicated gradients with the squared branch norms (one all_reduce)
+cross the process group per optimizer step (layerpar.parallel.comm). Every prefix model is evaluated
+inside the loop; checkpoints are written by every rank (shard_checkpoint.py) and reported with
+ray.train.report, and after a lost worker Ray Train restarts the group, which resumes from
+ray.train.get_checkpoint() exactly where that checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import ray.train
+import torch
+
+from layerpar.config import from_dict
+from layerpar.data import batches, load_dataset
+from layerpar.data.augment import augment
+from layerpar.model.paraformer import prefix_sums
+from layerpar.parallel.shard import BranchShard
+from layerpar.train.checkpoint import load_checkpoint, step_dir_name
+from layerpar.train.evaluate import evaluate
+from layerpar.train.optim import steps_per_batch
+from layerpar.train.shard_checkpoint import clean_staging, save_sharded
+
+PROGRESS_EVERY_S = 0.5  # rank 0 tells the driver how far it is at most this often
+
+
+class TimedComm:
+    """A comm whose every verb adds its wall time (waiting for peers included) to `seconds`."""
+
+    def __init__(self, comm) -> None:
+        self._comm, self.seconds = comm, 0.0
+        self.rank, self.world_size = comm.rank, comm.world_size
+
+    def __getattr__(self, name):
+        verb = getattr(self._comm, name)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return verb(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        return timed
+
+
+class ShardEval:
+    """The Backend protocol evaluate() needs, run by every rank together: all N branch rows are
+    gathered in branch order and every rank applies the head to their running sums, exactly as
+    local.prefix_logits_of does in one process."""
+
+    def __init__(self, shard: BranchShard, comm) -> None:
+        self.shard, self.comm = shard, comm
+
+    @torch.no_grad()
+    def prefix_logits(self, x: torch.Tensor) -> torch.Tensor:
+        model = self.shard.model
+        model.eval()
+        x0 = model.embed(self.shard._input(x))
+        rows = self.comm.all_branch_rows(model.branch_outputs(x0, model.branch_ids))  # (N, B, D)
+        return model.head(prefix_sums(rows)).cpu()
+
+
+def _restore(shard: BranchShard, config: dict) -> tuple[dict | None, str | None]:
+    """Load the latest reported checkpoint (after a restart) or the run's starting one; returns its
+    manifest and where it came from."""
+    reported = ray.train.get_checkpoint()
+    if reported is None and not config.get("start"):
+        return None, None
+    wanted = shard.pieces(replicated=True).keys()
+    if reported is not None:
+        with reported.as_directory() as local:  # downloaded first if the storage is remote
+            ckpt = load_checkpoint(local, pieces=list(wanted))
+        where = reported.path
+    else:
+        ckpt, where = load_checkpoint(config["start"], pieces=list(wanted)), config["start"]
+    shard.load(ckpt.tensors, ckpt.optim, ckpt.step)
+    return ckpt.manifest, where
+
+
+def _chaos(config: dict, rank: int, epoch: int, restored: bool, progress) -> None:
+    """Fault injection for the tests (LAYERPAR_CHAOS_KILL="epoch=E,rank=R" on the driver): rank R
+    SIGKILLs itself once epoch E's checkpoint is reported, in a group that did not restore one."""
+    spec = config.get("chaos")
+    if not spec or restored or spec["rank"] != rank or spec["epoch"] != epoch:
+        return
+    # wait until Ray Train has registered the checkpoint just reported: a rank that dies before the
+    # controller collects every rank's report loses that checkpoint (the group would restart from the
+    # one before), and "killed after checkpoint E" would not be what happened
+    ray.train.get_all_reported_checkpoints(timeout_s=120)
+    if progress is not None:
+        ray.get(progress.push.remote({"kind": "killed", "rank": rank, "pid": os.getpid(), "epoch": epoch}))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Clock:
+    """Per-rank step-time phases: data (batch and augmentation), collectives, compute (the rest)."""
+
+    def __init__(self, comm: TimedComm) -> None:
+        self.comm, self.data, self.step, self.coll, self.steps = comm, 0.0, 0.0, 0.0, 0
+
+    def phases(self) -> dict:
+        n, coll = max(1, self.steps), self.coll
+        return {"steps": self.steps, "data_ms": 1e3 * self.data / n, "collectives_ms": 1e3 * coll / n,
+                "compute_ms": 1e3 * max(0.0, self.step - coll) / n, "step_ms": 1e3 * self.step / n}
+
+
+def _train_epoch(shard, split, cfg, *, epoch: int, skip: int, clock: _Clock, progress, state: dict,
+                 deadline: float | None) -> tuple[list[float], float, int]:
+    """One pass from batch `skip` on; every rank draws the same batches. Returns (losses, lr, done)."""
+    losses, lr, done = [], 0.0, skip
+    t_data = time.perf_counter()
+    for i, (x, y) in enumerate(batches(split, cfg.train.batch_size, seed=cfg.data.seed, epoch=epoch,
+                                       skip=skip), start=skip):
+        x = augment(x, kind=cfg.data.augment, seed=cfg.data.seed, epoch=epoch, index=i)
+        t0, c0 = time.perf_counter(), clock.comm.seconds
+        clock.data += t0 - t_data
+        out = shard.train_step(x, y)
+        t_data = time.perf_counter()
+        clock.step += t_data - t0
+        clock.coll += clock.comm.seconds - c0  # the step's collectives only (not evaluation's)
+        clock.steps += 1
+        losses.append(out["loss"])
+        lr, done = out["lr"], i + 1
+        state["step"], state["samples"] = out["step"], state["samples"] + len(y)
+        if progress is not None and t_data - state["pushed"] > PROGRESS_EVERY_S:
+            state["pushed"] = t_data
+            progress.push.remote({"kind": "step", "epoch": epoch, "batch": done, "step": out["step"],
+                                  "loss": out["loss"], "samples": state["samples"], "t": time.time()})
+        if deadline is not None and clock.comm.any_true(time.perf_counter() > deadline):
+            break  # every rank stops at the same batch (rank clocks disagree)
+    return losses, lr, done
+
+
+def _start(cfg, config: dict, rank: int):
+    """Threads, device, dataset, this rank's shard and its comm, restored state."""
+    torch.set_num_threads(cfg.parallel.threads_per_worker)
+    if cfg.parallel.gpus_per_worker > 0:
+        torch.cuda.set_device(ray.train.torch.get_device())  # the GPU Ray Train gave this rank
+    torch.manual_seed(cfg.train.seed)
+    splits = load_dataset(cfg)
+    bpe = batches_per_epoch(len(splits.train), cfg.train.batch_size)
+    shard = BranchShard(cfg, worker_rank=rank, total_steps=cfg.train.epochs * bpe * steps_per_batch(cfg))
+    comm = TimedComm(shard.attach_group())
+    shard.comms[shard.layout.num_workers] = comm  # train_step's collectives go through the timer
+    manifest, where = _restore(shard, config)
+    return splits, bpe, shard, comm, manifest, where
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train's per-worker function. config: cfg (Config dict), start (a checkpoint path or
+    None), progress (the driver's ProgressLog actor or None), chaos (tests only)."""
+    run = _Run(config)
+    t = run.cfg.train
+    for epoch in range(run.start_epoch, t.epochs):
+        record, stopped, over = run.epoch(epoch)
+        finished = epoch + 1 == t.epochs
+        checkpoint = None
+        if stopped or finished or over or (epoch + 1) % t.checkpoint_every == 0:
+            checkpoint = run.save(record)
+        if run.progress is not None and run.rank == 0:
+            run.progress.push.remote({"kind": "epoch", "record": record})
+        ray.train.report({"kind": "epoch", **record}, checkpoint=checkpoint,
+                         checkpoint_dir_name=step_dir_name(run.shard.step),
+                         checkpoint_upload_fn=lambda ck, _name: ck)  # written in place already
+        _chaos(config, run.rank, record["epoch"], run.where is not None, run.progress)
+        if stopped or over:
+            run.stopped_early = stopped or not finished
+            break
+    run.finish()
+
+
+class _Run:
+    """One rank's run: its shard, comm, clocks and where it stands."""
+
+    def __init__(self, config: dict) -> None:
+        self.cfg, self.t0 = from_dict(config["cfg"]), time.perf_counter()
+        ctx = ray.train.get_context()
+        self.rank, storage = ctx.get_world_rank(), ctx.get_storage()
+        self.fs, self.root = storage.storage_filesystem, storage.experiment_fs_path
+        self.progress = config.get("progress")
+        self.splits, self.bpe, self.shard, self.comm, manifest, self.where = _start(self.cfg, config,
+                                                                                    self.rank)
+        self.extra = (manifest or {}).get("extra", {})
+        self.start_epoch = int((manifest or {}).get("epoch", 0))
+        self.skip = int(self.extra.get("epoch_batches", 0))
+        self.prior = float(self.extra.get("train_seconds", 0.0))
+        if self.progress is not None:
+            self.progress.push.remote({"kind": "start", "rank": self.rank, "pid": os.getpid(),
+                                       "restored": self.where, "epoch": self.start_epoch,
+                                       "batch": self.skip, "step": self.shard.step,
+                                       "node": ray.get_runtime_context().get_node_id()})
+        if self.rank == 0:
+            clean_staging(self.fs, self.root)
+        self.evaluator, self.clock = ShardEval(self.shard, self.comm), _Clock(self.comm)
+        self.state = {"step": self.shard.step, "samples": 0, "pushed": 0.0}
+        self.t_train, self.eval_bs = time.perf_counter(), max(self.cfg.train.batch_size, 256)
+        self.val, self.stopped_early = None, False
+        self.ckpt_epoch, self.ckpt_path = (self.start_epoch if manifest else 0), self.where
+
+    def epoch(self, epoch: int) -> tuple[dict, bool, bool]:
+        """Train one epoch (from self.skip), validate; (record, stopped early, over budget)."""
+        t_epoch, budget_s = time.perf_counter(), self.cfg.train.max_minutes * 60.0
+        losses, lr, done = _train_epoch(self.shard, self.splits.train, self.cfg, epoch=epoch, skip=self.skip,
+                                        clock=self.clock, progress=self.progress, state=self.state,
+                                        deadline=self.t_train + budget_s if budget_s else None)
+        stopped, self.skip = done < self.bpe, 0
+        self.val = val = evaluate(self.evaluator, self.splits.val, self.eval_bs)
+        elapsed = time.perf_counter() - self.t_train
+        record = {"epoch": epoch + (0 if stopped else 1), "step": self.shard.step,
+                  "train_loss": sum(losses) / len(losses) if losses else None,
+                  "val_accuracy": val["accuracy"], "val_loss": val["loss"],
+                  "val_prefix_accuracy": val["prefix_accuracy"], "lr": lr,
+                  "seconds": round(time.perf_counter() - t_epoch, 3),
+                  "train_seconds": round(self.prior + elapsed, 3)}
+        if stopped:
+            record["epoch_batches"] = done
+        return record, stopped, bool(budget_s) and elapsed > budget_s
+
+    def save(self, record: dict):
+        """Every rank writes its pieces; rank 0 gets the ray.train.Checkpoint to report."""
+        now = time.perf_counter()
+        extra = {"train_seconds": self.prior + now - self.t_train,
+                 "total_seconds": float(self.extra.get("total_seconds", self.prior)) + now - self.t0}
+        if "epoch_batches" in record:
+            extra.update(epoch_batches=record["epoch_batches"], stopped_early=True)
+        self.ckpt_epoch = record["epoch"]
+        self.ckpt_path = save_sharded(self.fs, self.root, self.shard, self.comm, cfg=self.cfg,
+                                      step=self.shard.step, epoch=self.ckpt_epoch, extra=extra)
+        return ray.train.Checkpoint(path=self.ckpt_path, filesystem=self.fs) if self.rank == 0 else None
+
+    def finish(self) -> None:
+        """Test every prefix, gather every rank's step-time split, and report the end."""
+        train_seconds = self.prior + time.perf_counter() - self.t_train
+        test = evaluate(self.evaluator, self.splits.test, self.eval_bs)
+        if self.val is None:  # nothing left to train (resumed a finished run)
+            self.val = evaluate(self.evaluator, self.splits.val, self.eval_bs)
+        phases = self.comm.share_objects(self.clock.phases())  # every rank's split, in rank order
+        final = {"kind": "final", "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+                 "val_accuracy": self.val["accuracy"], "prefix_accuracy": test["prefix_accuracy"],
+                 "train_seconds": round(train_seconds, 3), "epochs": self.ckpt_epoch,
+                 "steps": self.shard.step, "stopped_early": self.stopped_early,
+                 "checkpoint": self.ckpt_path, "phases": phases, "params": _params(self.shard, self.comm)}
+        if self.progress is not None and self.rank == 0:  # Result.metrics: the last checkpoint's only
+            ray.get(self.progress.push.remote({"kind": "final", "record": final}))
+        ray.train.report(final)  # Tune (and the dashboard) see it too
+
+
+def _params(shard: BranchShard, comm) -> int:
+    counts = comm.share_objects(shard.param_counts())
+    return sum(c["branches"] for c in counts) + counts[0]["replicated"]
+
+
+def batches_per_epoch(num_train: int, batch_size: int) -> int:
+    return max(1, -(-num_train // batch_size))

@@ -1,0 +1,77 @@
+"""A Ray Tune sweep over the same Ray Train run (`launch/tune.py`).
+
+    result = sweep(cfg, lrs=[1e-3, 3e-3], weight_decays=[0.05, 0.3])
+    result["best"]["params"], result["best"]["val_accuracy"]
+
+Ray Train v2's way: each Tune trial is a small driver function that builds the TorchTrainer of
+layerpar.train.raytrain (the same one launch/train.py runs) with Tune's TuneReportCallback, so every
+epoch's report reaches Tune. The grid is train.lr x train.weight_decay; the best trial is the one with
+the highest final validation accuracy. Each trial is an ordinary run directory,
+OUT/<sweep>/<trial id>/ (config.yaml, metrics.jsonl, checkpoints/, result.json).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from layerpar.config import from_dict
+from layerpar.train.loop import run_training
+
+METRIC = "val_accuracy"
+
+
+def _trial(params: dict) -> None:
+    """One Tune trial: a full training run with this trial's hyper-parameters."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = from_dict(params["cfg"]).replace(train={"lr": params["lr"], "weight_decay": params["weight_decay"]})
+    run_dir = Path(params["sweep_dir"]) / tune.get_context().get_trial_id()
+    run_training(cfg, run_dir, progress=False, callbacks=[TuneReportCallback()])
+
+
+def sweep(cfg, *, lrs: list[float], weight_decays: list[float], concurrent: int = 1,
+          name: str | None = None) -> dict[str, Any]:
+    """Run the grid; returns {"sweep_dir", "best", "trials"} (one entry per trial)."""
+    from layerpar.runtime.cluster import connect
+
+    if cfg.parallel.workers < 1:
+        raise ValueError("a Tune sweep runs Ray Train trials: set parallel.workers >= 1")
+    name = name or f"{time.strftime('%Y%m%d-%H%M%S')}-tune-{cfg.data.name}"
+    sweep_dir = (Path(cfg.train.out_dir) / name).resolve()
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    owns_ray = connect(cfg, min_cpus=int(concurrent * cfg.parallel.workers * cfg.parallel.cpus_per_worker))
+    try:
+        tuner = tune.Tuner(
+            # the trial only drives (its ranks reserve their CPUs); Tune needs a non-empty bundle
+            tune.with_resources(_trial, {"CPU": 0.01}),
+            param_space={"cfg": cfg.to_dict(), "sweep_dir": str(sweep_dir),
+                         "lr": tune.grid_search(list(lrs)),
+                         "weight_decay": tune.grid_search(list(weight_decays))},
+            tune_config=tune.TuneConfig(metric=METRIC, mode="max", max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir)),
+        )
+        grid = tuner.fit()
+        trials = []
+        for r in grid:
+            if r.error is not None:
+                trials.append({"params": _params(r.config), "error": str(r.error).splitlines()[0]})
+                continue
+            m = r.metrics or {}
+            trials.append({"params": _params(r.config), METRIC: m.get(METRIC),
+                           "test_accuracy": m.get("test_accuracy"), "steps": m.get("steps"),
+                           "run_dir": str(sweep_dir / r.metrics.get("trial_id", ""))})
+        done = [t for t in trials if t.get(METRIC) is not None]
+        best = max(done, key=lambda t: t[METRIC]) if done else None
+        return {"sweep_dir": str(sweep_dir), "metric": METRIC, "best": best, "trials": trials}
+    finally:
+        if owns_ray and ray.is_initialized():
+            ray.shutdown()
+
+
+def _params(config: dict) -> dict:
+    return {"train.lr": config["lr"], "train.weight_decay": config["weight_decay"]}
