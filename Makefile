@@ -50,7 +50,7 @@ demo: setup
 	$(PY) launch/train.py --config digits
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 lint: setup
 	$(PY) -m ruff check layerpar launch tests

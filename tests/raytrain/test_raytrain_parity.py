@@ -39,7 +39,7 @@ def metrics(result) -> list[dict]:
 @pytest.mark.parametrize("dtype,workers,mode", [
     ("float64", 1, "joint"), ("float64", 2, "joint"), ("float64", 3, "joint"),
     ("float64", 1, "progressive"), ("float64", 2, "progressive"), ("float64", 3, "progressive"),
-    ("float32", 2, "joint"), ("float32", 3, "progressive"),
+    ("float32", 3, "progressive"),  # the float32 tolerance, on the largest group and most steps
 ])
 def test_five_batches_equal_single_process(local_ray, single, tmp_path, dtype, workers, mode):
     cfg = tiny(*FIVE, f"train.mode={mode}", f"model.dtype={dtype}", f"parallel.workers={workers}")
