@@ -9,8 +9,6 @@ and what is allowed. ``--config`` accepts a path or the name of a YAML shipped i
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -30,6 +28,7 @@ from layerpar.config_rules import (  # noqa: F401 - re-exported: the rules live 
     TRAIN_MODES,
     TRANSPORTS,
     ConfigError,
+    check_type,
     validate,
 )
 
@@ -252,36 +251,6 @@ class Config:
 # ----------------------------------------------------------------------------- building
 
 
-def _check_type(name: str, value: Any, annotation: Any) -> Any:
-    """Return value converted to the annotated type, or raise ConfigError naming the field."""
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (annotation,) = [a for a in args if a is not type(None)]
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-    elif annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif annotation is float:
-        # a str too: YAML 1.1 reads `3e-4` (no dot) as a string
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            try:
-                number = float(value)
-            except (ValueError, OverflowError):
-                number = None
-            if number is not None and not math.isfinite(number):  # nan, inf, 1e999
-                raise ConfigError(f"{name} must be a finite number, got {value!r}")
-            if number is not None:
-                return number
-    elif annotation is str:
-        if isinstance(value, str):
-            return value
-    raise ConfigError(f"{name} must be {annotation.__name__}, got {value!r} ({type(value).__name__})")
-
-
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if raw is None:
         raw = {}
@@ -300,7 +269,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         if dataclasses.is_dataclass(hints[name]):
             kwargs[name] = _build(hints[name], value, full)
         else:
-            kwargs[name] = _check_type(full, value, hints[name])
+            kwargs[name] = check_type(full, value, hints[name])
     return cls(**kwargs)
 
 

@@ -3,6 +3,9 @@ fields. Every failure is one ConfigError naming the field, its value and what is
 
 from __future__ import annotations
 
+import math
+import types
+import typing
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the tree imports these rules, not the other way round
@@ -25,6 +28,36 @@ TRANSPORTS = ("collective", "object_store")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 DEGRADED = ("wait", "allow")
 HEALTH_AUTH = ("open", "token")
+
+
+def check_type(name: str, value: Any, annotation: Any) -> Any:
+    """Return value converted to the annotated type, or raise ConfigError naming the field."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (annotation,) = [a for a in args if a is not type(None)]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        # a str too: YAML 1.1 reads `3e-4` (no dot) as a string
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except (ValueError, OverflowError):
+                number = None
+            if number is not None and not math.isfinite(number):  # nan, inf, 1e999
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
+            if number is not None:
+                return number
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{name} must be {annotation.__name__}, got {value!r} ({type(value).__name__})")
 
 
 def _one_of(name: str, value: Any, allowed: tuple) -> None:
