@@ -20,7 +20,7 @@ import sys
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray stays on loopback (docs/CLUSTER.md)
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
-from layerpar.serve.server import cli_main  # noqa: E402
+from layerpar.serve.launcher import serve_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(cli_main(sys.argv[1:]))
+    sys.exit(serve_main(sys.argv[1:]))

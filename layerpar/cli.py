@@ -22,7 +22,7 @@ from collections.abc import Callable
 # command -> (the function that runs it, "module:function"; one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("layerpar.train.loop:cli_main", "train a Para-Former (or the ViT baseline)"),
-    "serve": ("layerpar.serve.server:cli_main", "serve a checkpoint over gRPC"),
+    "serve": ("layerpar.serve.launcher:serve_main", "serve a checkpoint over gRPC"),
     "scale": ("layerpar.bench.scale:cli_main", "run a scaling study"),
     "predict": ("layerpar.serve.predict:cli_main", "classify images with a served model"),
     "compress": ("layerpar.lifecycle.compress:cli_main", "keep the first K branches of a run"),

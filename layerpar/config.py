@@ -74,10 +74,6 @@ class ModelConfig:
     wire and are cast by the embedding; checkpoints load into either dtype."""
 
     @property
-    def num_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2 + 1
-
-    @property
     def attn_dim(self) -> int:
         """Width of the attention (q, k, v each): heads * head_dim."""
         return self.heads * self.head_dim if self.head_dim else self.dim
@@ -164,6 +160,9 @@ class ParallelConfig:
     """GPUs reserved for each worker; > 0 uses CUDA and NCCL."""
     threads_per_worker: int = 1
     """torch threads inside each worker."""
+    pin_cpus: bool = True
+    """CPU training ranks on one node each run on their own cores (threads_per_worker each) when the
+    node has enough; no effect on GPU ranks or when the cores are too few (layerpar/parallel/affinity.py)."""
     timeout_s: float = 120.0
     """Training's timeout: the process group's collective timeout (gloo/NCCL) and the longest wait for
     a training step, a load, a save or a state read before the engine treats a worker as lost.

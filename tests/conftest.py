@@ -13,7 +13,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 # its time waiting for those polls (a 5-batch run: 21 s -> 12.6 s at 0.25 s). Polls that have not
 # answered are awaited at the next one, never failed, so a short interval cannot flake.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-# Ray starts its workers at niceness 15 unless told otherwise (runtime/cluster.py tells it for the
+# Ray starts its workers at niceness 15 unless told otherwise (parallel/cluster.py tells it for the
 # embedded default; the tiers' fixtures call ray.init themselves). Beside two busy CPU loops of
 # niceness 0, a niced worker got ~1/30 of a core: importing torch took over a minute and engine
 # start-ups missed their 65 s limit. At niceness 0 the workers share the cores fairly.

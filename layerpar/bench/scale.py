@@ -311,7 +311,7 @@ def start_ray(address: str | None, settings: BenchSettings) -> bool:
     CPUs: more workers than cores is allowed and labelled oversubscribed). True if started here.
     Workers get the driver's priority, so the in-process baselines are compared fairly."""
     from layerpar.config import load_config
-    from layerpar.runtime.cluster import connect
+    from layerpar.parallel.cluster import connect
 
     cfg = load_config(None, [f"parallel.address={address}"] if address else [])
     # every W <= the cores of one N at once (both transports), or the depth pair, or the largest W

@@ -20,11 +20,11 @@ def _loop(config: dict) -> None:
     import ray.train
 
     from layerpar.config import from_dict
-    from layerpar.parallel.shard import BranchShard
-    from layerpar.train.spmd import TimedComm
+    from layerpar.train.shard import BranchShard
+    from layerpar.train.spmd import TimedComm, set_up_rank
 
     cfg = from_dict(config["cfg"])
-    torch.set_num_threads(cfg.parallel.threads_per_worker)
+    cores = set_up_rank(cfg)
     rank = ray.train.get_context().get_world_rank()
     shard = BranchShard(cfg, worker_rank=rank, total_steps=10**6)
     comm = TimedComm(shard.attach_group())
@@ -32,7 +32,7 @@ def _loop(config: dict) -> None:
     m, g = cfg.model, torch.Generator().manual_seed(0)
     x = torch.randn(cfg.train.batch_size, m.in_channels, m.image_size, m.image_size, generator=g)
     y = torch.randint(0, m.num_classes, (x.shape[0],), generator=g)
-    for _ in range(2):
+    for _ in range(max(5, config["steps"] // 2)):  # past Ray's start-up work (idle workers importing)
         shard.train_step(x, y)
     steps, colls, datas = [], [], []
     for _ in range(config["steps"]):
@@ -45,7 +45,7 @@ def _loop(config: dict) -> None:
         colls.append(comm.seconds - c0)
         datas.append(t1 - t0)
     med = statistics.median
-    mine = {"rank": rank, "step_ms": 1e3 * med(steps), "collectives_ms": 1e3 * med(colls),
+    mine = {"rank": rank, "cores": cores, "step_ms": 1e3 * med(steps), "collectives_ms": 1e3 * med(colls),
             "compute_ms": 1e3 * (med(steps) - med(colls)), "data_ms": 1e3 * med(datas)}
     ranks = comm.share_objects(mine)
     if rank == 0:

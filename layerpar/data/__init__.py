@@ -13,12 +13,21 @@ bilinearly per batch; a channel or class-count mismatch with the model is a Data
 
 from __future__ import annotations
 
-from layerpar.data.base import DataError, Raw, Split, Splits, batches, stratified_split, to_split
+from layerpar.data.base import (
+    DataError,
+    Raw,
+    Split,
+    Splits,
+    batches,
+    batches_per_epoch,
+    stratified_split,
+    to_split,
+)
 from layerpar.data.cifar import load_cifar
 from layerpar.data.folder import load_folder
 from layerpar.data.sources import load_digits, load_fashion_mnist, load_synthetic
 
-__all__ = ["DataError", "Split", "Splits", "batches", "load_dataset"]
+__all__ = ["DataError", "Split", "Splits", "batches", "batches_per_epoch", "load_dataset"]
 
 
 def _read(cfg) -> Raw:

@@ -62,6 +62,11 @@ def seeded_generator(*parts: int) -> torch.Generator:
     return torch.Generator().manual_seed(mixed)
 
 
+def batches_per_epoch(num_train: int, batch_size: int) -> int:
+    """Batches in one pass over num_train examples (the last one may be short)."""
+    return max(1, -(-num_train // batch_size))
+
+
 def batches(split: Split, batch_size: int, *, seed: int, epoch: int, shuffle: bool = True,
             drop_last: bool = False, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (x (B, C, H, W), y (B,)) over the split; the order depends only on (seed, epoch).

@@ -79,13 +79,6 @@ class ParaFormer(nn.Module):
     def branch(self, branch_id: int) -> Branch:
         return self.branches[str(branch_id)]
 
-    def add_branch(self, branch_id: int, branch: Branch) -> None:
-        """Own one more branch (expansion); ids stay sorted."""
-        items = dict(self.branches.items())
-        items[str(branch_id)] = branch
-        self.branches = nn.ModuleDict({k: items[k] for k in sorted(items, key=int)})
-        self._stacks.clear()
-
     def branch_outputs(self, x0: torch.Tensor, branch_ids: Sequence[int], *,
                        fused: bool = True) -> torch.Tensor:
         """Pooled output of each listed branch: x0 (B, T, D) -> (K, B, D); K may be 0."""

@@ -4,7 +4,7 @@ parallel/process_group.py creates and destroys the group (init/new_group/destroy
 reads its error type -- except bench/pipeline.py, a benchmark baseline (the pipelined ViT) with its
 own process group, its own start broadcast and torch.distributed.pipelining's send/recv.
 
-The autograd algebra of a layer-parallel Para-Former (README.md, "The layer-parallel runtime"):
+The autograd algebra of a layer-parallel Para-Former (docs/RUNTIME.md, "Training: the autograd algebra"):
 
     forward:  x is broadcast to every worker;      y = sum_w p_w        (reduce_branch_sums;
               inference: gather_branch_sums, y on rank 0 only)
@@ -26,6 +26,26 @@ import torch
 import torch.distributed as dist
 
 from layerpar.model.paraformer import ordered_sum
+
+
+class CollectiveError(RuntimeError):
+    """A collective (or forming the group) failed: a peer died, hung past the group's timeout, or its
+    connection broke. Raised from here and from process_group; the runtime tells such a failure from a
+    bug in the call by this type (failed_collective), never by the message."""
+
+
+def failed_collective(exc: BaseException | None) -> bool:
+    """Did this exception come from a failed collective (or rendezvous), not a bug in the call?"""
+    return isinstance(exc, CollectiveError | dist.DistError)
+
+
+def _run(verb, *args, **kwargs):
+    """Every torch.distributed call of this file goes through here: its failure becomes a
+    CollectiveError (gloo reports a dead peer as a RuntimeError naming its socket)."""
+    try:
+        return verb(*args, **kwargs)
+    except RuntimeError as exc:
+        raise CollectiveError(f"{verb.__name__} failed: {exc}") from exc
 
 
 class LocalComm:
@@ -58,9 +78,6 @@ class LocalComm:
 
     def any_true(self, flag: bool) -> bool:
         return bool(flag)
-
-    def barrier(self) -> None:
-        return None
 
 
 def _sq_norm(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -95,7 +112,7 @@ class _ReduceBranchSums(torch.autograd.Function):
     def forward(ctx, outputs: torch.Tensor, group, counts: list[int]) -> torch.Tensor:
         padded = _padded(outputs, counts)
         parts = [torch.empty_like(padded) for _ in counts]
-        dist.all_gather(parts, padded, group=group)  # blocks until every rank joins
+        _run(dist.all_gather, parts, padded, group=group)  # blocks until every rank joins
         ctx.num_own = outputs.shape[0]
         return _sum_in_branch_order(parts, counts)
 
@@ -133,7 +150,7 @@ class GroupComm:
         counts = self._counts(num_branches)
         padded = _padded(outputs, counts)
         parts = [torch.empty_like(padded) for _ in counts] if self.rank == 0 else None
-        dist.gather(padded, parts, dst=0, group=self.group)  # global rank 0 is every group's rank 0
+        _run(dist.gather, padded, parts, dst=0, group=self.group)  # global rank 0 is every group's rank 0
         return _sum_in_branch_order(parts, counts) if self.rank == 0 else None
 
     def _counts(self, num_branches: int | None) -> list[int]:
@@ -149,7 +166,7 @@ class GroupComm:
             return
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                           for p in params])
-        dist.all_reduce(flat, group=self.group)  # blocks until every rank contributes
+        flat = _sum_over_ranks(flat, self.group)  # blocks until every rank contributes
         offset = 0
         for p in params:
             n = p.numel()
@@ -159,8 +176,7 @@ class GroupComm:
     def global_grad_norm(self, owned: Iterable[torch.Tensor], replicated: Iterable[torch.Tensor]
                          ) -> torch.Tensor:
         """sqrt(sum over workers of their own branches' squared norms + the replicated ones once)."""
-        owned_sq = _sq_norm(list(owned)).to(_device())
-        dist.all_reduce(owned_sq, group=self.group)  # blocks until every rank contributes
+        owned_sq = _sum_over_ranks(_sq_norm(list(owned)).to(_device()).reshape(1), self.group)[0]
         return (owned_sq + _sq_norm(list(replicated)).to(owned_sq.device)).sqrt()
 
     def sum_replicated_grads_and_owned_sq(self, params: Iterable[torch.nn.Parameter],
@@ -178,7 +194,7 @@ class GroupComm:
         device = grads[0].device if grads else _device()
         flat = torch.cat([g.reshape(-1).to(wide) for g in grads]
                          + [owned_sq.to(device=device, dtype=wide).reshape(1)])
-        dist.all_reduce(flat, group=self.group)  # blocks until every rank contributes
+        flat = _sum_over_ranks(flat, self.group)  # blocks until every rank contributes
         offset = 0
         for p in params:
             n = p.numel()
@@ -192,32 +208,43 @@ class GroupComm:
         counts = self._counts(None)
         padded = _padded(outputs, counts)
         parts = [torch.empty_like(padded) for _ in counts]
-        dist.all_gather(parts, padded, group=self.group)
+        _run(dist.all_gather, parts, padded, group=self.group)
         return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])
 
     def share_objects(self, obj) -> list:
         """Every rank's small picklable object, in rank order, on every rank (checkpoint hashes,
         per-rank timings)."""
         out: list = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
+        _run(dist.all_gather_object, out, obj, group=self.group)
         return out
 
     def any_true(self, flag: bool) -> bool:
         """True on every rank if any rank's flag is true (ranks agree on stopping early)."""
         t = torch.tensor([1.0 if flag else 0.0], device=_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(t.item() > 0)
+        return bool(_sum_over_ranks(t, self.group).item() > 0)
 
-    def gather_rows(self, rows: torch.Tensor) -> list[torch.Tensor]:
-        """Every worker's tensor of the same shape, in rank order. Nothing calls it at present
-        (evaluation's prefix logits collect the branch rows through Ray: Engine.prefix_logits); a
-        later clean-up removes it."""
-        parts = [torch.empty_like(rows) for _ in range(self.world_size)]
-        dist.all_gather(parts, rows.contiguous(), group=self.group)
-        return parts
 
-    def barrier(self) -> None:
-        dist.barrier(group=self.group)
+
+GATHER_SUM_MAX = 1 << 20  # elements gathered in all (size x ranks) below which gloo sums by gathering
+
+
+def _sum_over_ranks(flat: torch.Tensor, group) -> torch.Tensor:
+    """The sum over the group's ranks of a 1-D tensor, the same bits on every rank. On gloo a small
+    buffer is all-gathered and added in rank order: gloo's all_reduce of a few KB costs ~1.5-2.4 ms
+    on two CPU ranks, an all_gather of 128 KB ~0.5 ms (docs/BENCHMARKS.md, "SPMD step"); NCCL, or a
+    buffer too large to hold W times, takes the all_reduce."""
+    world = dist.get_world_size(group)
+    if world == 1:
+        return flat
+    if dist.get_backend(group) != "gloo" or flat.numel() * world > GATHER_SUM_MAX:
+        _run(dist.all_reduce, flat, group=group)
+        return flat
+    parts = [torch.empty_like(flat) for _ in range(world)]
+    _run(dist.all_gather, parts, flat, group=group)
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
 
 
 def _device() -> torch.device:

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from layerpar.parallel.comm import CollectiveError
+
 ENV_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
 INIT_FILE = "LAYERPAR_INIT_FILE"  # set: a same-node group, rendezvous through this file
 LOOPBACK = "lo"
@@ -88,15 +90,21 @@ def init_from_env(*, timeout_s: float, device: torch.device | None = None) -> tu
         kwargs["device_id"] = torch.device("cuda", index)
     init_file = os.environ.get(INIT_FILE)
     init_method = f"file://{init_file}" if init_file else "env://"
-    dist.init_process_group(backend_for(device), init_method=init_method, rank=rank, world_size=world,
-                            timeout=timedelta(seconds=timeout_s), **kwargs)
+    try:
+        dist.init_process_group(backend_for(device), init_method=init_method, rank=rank,
+                                world_size=world, timeout=timedelta(seconds=timeout_s), **kwargs)
+    except RuntimeError as exc:  # a peer never came, or its connection broke
+        raise CollectiveError(f"forming the worker group failed: {exc}") from exc
     return rank, world
 
 
 def new_prefix_groups(world_size: int) -> dict[int, object]:
     """One sub-group per participant count r >= 2, holding ranks 0..r-1: a prefix model only
     involves the workers that own its branches. Every rank must call this, in the same order."""
-    groups: dict[int, object] = {r: dist.new_group(ranks=list(range(r))) for r in range(2, world_size)}
+    try:
+        groups: dict[int, object] = {r: dist.new_group(ranks=list(range(r))) for r in range(2, world_size)}
+    except RuntimeError as exc:
+        raise CollectiveError(f"forming the prefix sub-groups failed: {exc}") from exc
     groups[world_size] = None  # the whole group
     return groups
 

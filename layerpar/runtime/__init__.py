@@ -1,6 +1,18 @@
-"""Ray: placement groups, the branch-worker actor, and the engine that drives the workers."""
+"""Ray: placement groups, the branch-worker actor, and the engine that drives the workers.
 
-from layerpar.runtime.engine import ClusterError, Engine, WorkerError
-from layerpar.runtime.placement import PlacementError
+`from layerpar.runtime import Engine` imports Ray; `layerpar.runtime.backend` (the Backend protocol,
+make_backend) does not, until a backend with workers is made.
+"""
 
-__all__ = ["ClusterError", "Engine", "PlacementError", "WorkerError"]
+_LAZY = {"ClusterError": "layerpar.parallel.cluster", "Engine": "layerpar.runtime.engine",
+         "WorkerError": "layerpar.runtime.recovery", "PlacementError": "layerpar.runtime.placement"}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'layerpar.runtime' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_LAZY[name]), name)

@@ -19,7 +19,7 @@ restores its weights from the engine's object-store snapshot and re-forms the gr
 calls (infer, prefix_logits, state reads) are retried. serve.degraded=wait blocks calls until then;
 serve.degraded=allow answers infer_with_meta from the surviving branches meanwhile, marked degraded.
 A training step is not retried: it raises WorkerError and the run restarts from its last checkpoint
-(layerpar.train.restart).
+(layerpar.runtime.restart).
 """
 
 from __future__ import annotations
@@ -35,11 +35,12 @@ import torch
 from layerpar.config import Config
 from layerpar.model.overflow import check_finite_logits
 from layerpar.model.paraformer import make_head, ordered_sum, prefix_sums
+from layerpar.parallel.cluster import ClusterError, connect
+from layerpar.parallel.comm import failed_collective
 from layerpar.parallel.layout import BranchLayout
-from layerpar.runtime.cluster import ClusterError, connect
 from layerpar.runtime.heartbeat import Heartbeat, WorkerSilent
 from layerpar.runtime.placement import bundle_strategy, place_workers, release
-from layerpar.runtime.recovery import MAX_TRIES, FaultHandling, WorkerError, is_comm_failure, kill
+from layerpar.runtime.recovery import MAX_TRIES, FaultHandling, Restore, WorkerError, kill
 from layerpar.runtime.transport import Transport, broadcast_ref, merge_timings
 from layerpar.runtime.worker import RemoteBranchWorker, as_tensor
 
@@ -153,7 +154,7 @@ class Engine(FaultHandling):
         except ray.exceptions.RayActorError as exc:
             raise WorkerError(f"a branch worker died: {str(exc).splitlines()[0]}") from None
         except ray.exceptions.RayTaskError as exc:
-            if not is_comm_failure(exc.cause):
+            if not failed_collective(exc.cause):
                 raise
             raise WorkerError(f"a collective failed (a peer died or hung): "
                               f"{str(exc.cause).splitlines()[0][:300]}") from None
@@ -230,7 +231,7 @@ class Engine(FaultHandling):
             raise last
 
     def _infer(self, workers: list, ref, x: torch.Tensor, k: int, broadcast_s: float) -> torch.Tensor:
-        if self._state == "snapshot" and self._snapshot is None:
+        if self._state is Restore.SNAPSHOT and self._snapshot is None:
             self._take_snapshot()  # first inference after training: what a restart would restore
         t1 = time.perf_counter()
         t0 = t1 - broadcast_s
@@ -310,14 +311,14 @@ class Engine(FaultHandling):
 
         def call(workers):
             self._head = None  # the head moves
-            self._state, self._snapshot = "snapshot", None  # taken again before the next inference
+            self._state, self._snapshot = Restore.SNAPSHOT, None  # taken again before the next inference
             self._snapshot_checkpoint = None
             try:
                 with self._submit_lock:
                     refs = [w.train_step.remote(ref) for w in workers]
                 return self._get(refs, watch=workers)[0]
             except WorkerError:
-                self._state = "lost"  # the workers may have stepped unevenly: nothing to restore
+                self._state = Restore.LOST  # the workers may have stepped unevenly: nothing to restore
                 raise
 
         return self._not_retried(call)
@@ -344,7 +345,7 @@ class Engine(FaultHandling):
         pieces, optim, step, refs = self._idempotent(self._collect)
         saved = save_checkpoint(path, pieces, config=self.cfg, step=step, epoch=epoch, optim=optim,
                                 extra=extra)
-        if self._state != "fresh":
+        if self._state is not Restore.FRESH:
             self._take_snapshot(refs, checkpoint=saved)  # the refs stay in the object store
         return saved
 
@@ -369,7 +370,7 @@ class Engine(FaultHandling):
                 pieces = {p: ckpt.tensors[p] for p in wanted[rank]}
                 optim = {p: ckpt.optim[p] for p in wanted[rank] if p in (ckpt.optim or {})}
                 refs.append(w.load.remote(pieces, optim or None, step))
-            self._state = "lost"  # until every worker has loaded
+            self._state = Restore.LOST  # until every worker has loaded
             self._get(refs)
             self._head = None
             self._take_snapshot(checkpoint=ckpt.path)

@@ -42,6 +42,7 @@ from collections.abc import Callable
 
 import ray
 
+from layerpar.parallel.comm import failed_collective
 from layerpar.runtime.heartbeat import Heartbeat, WorkerSilent
 
 _LEN = struct.Struct("!Q")
@@ -177,8 +178,8 @@ class Rendezvous:
 
 def serve(path: str, rank: int, key: bytes, handle: Callable[..., tuple]) -> int:
     """Worker side: connect to the driver, then answer ("infer", ...) requests with
-    ("ok", *handle(...)) or ("error", text) until ("stop",) or a closed socket. Returns the number of
-    requests answered."""
+    ("ok", *handle(...)) or ("error", text, failed collective?) until ("stop",) or a closed socket.
+    Returns the number of requests answered."""
     sock = connect(path, rank, key)
     answered = 0
     try:
@@ -189,7 +190,7 @@ def serve(path: str, rank: int, key: bytes, handle: Callable[..., tuple]) -> int
             try:
                 reply = ("ok", *handle(*msg[1:]))
             except Exception as exc:  # noqa: BLE001 - reported to the driver, which decides
-                reply = ("error", f"{type(exc).__name__}: {exc}")
+                reply = ("error", f"{type(exc).__name__}: {exc}", failed_collective(exc))
             send(sock, reply)
             answered += 1
     except (OSError, Refused):  # the driver went away (or broke the protocol): stop serving

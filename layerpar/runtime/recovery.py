@@ -23,6 +23,7 @@ workers' branches meanwhile (serve.degraded=allow). Idempotent calls are retried
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import threading
 import time
@@ -31,7 +32,6 @@ from pathlib import Path
 
 import ray
 import torch
-import torch.distributed as dist
 
 from layerpar.model.paraformer import ordered_sum
 from layerpar.runtime.worker import as_tensor
@@ -45,13 +45,12 @@ class WorkerError(RuntimeError):
     """A worker died or did not answer in time."""
 
 
-def is_comm_failure(cause: BaseException | None) -> bool:
-    """Did a worker's collective fail because a peer died or hung (not a bug in the call)?"""
-    if isinstance(cause, dist.DistError):
-        return True
-    text = str(cause)
-    return isinstance(cause, RuntimeError) and any(
-        s in text for s in ("gloo", "Connection closed", "Connection reset", "Timed out", "NCCL"))
+class Restore(enum.Enum):
+    """What a restarted worker is restored from."""
+
+    FRESH = "fresh"  # nothing loaded or trained: the seeded initial weights are the state
+    SNAPSHOT = "snapshot"  # the object-store snapshot (None: take one before the next inference)
+    LOST = "lost"  # nothing consistent exists (a failed training step, a load half done)
 
 
 class RecoveryError(RuntimeError):
@@ -135,10 +134,9 @@ class FaultHandling:
     _form_group, _make_head, _end_fast, and the state initialised by _init_faults()."""
 
     def _init_faults(self) -> None:
-        # What a restarted worker is restored from: "fresh" (seeded initial weights), "snapshot"
-        # (_snapshot: per rank, an object-store ref of (pieces incl. replicated, optim, step);
-        # None = take one before the next inference), "lost" (nothing consistent exists).
-        self._state = "fresh"
+        # What a restarted worker is restored from (Restore); the snapshot is, per rank, an
+        # object-store ref of (pieces incl. replicated, optim, step).
+        self._state = Restore.FRESH
         self._snapshot: list | None = None
         self._snapshot_checkpoint: Path | None = None  # the checkpoint the snapshot equals
         self._lock = threading.Condition()
@@ -224,7 +222,7 @@ class FaultHandling:
             t0 = time.monotonic()
             live, dead = classify(self.workers, self.heartbeat_s)
             rec = self._recovery = Recovery(reason=reason, handles=live, dead=dead, started=t0)
-            if self._state == "lost" or (self._state == "snapshot" and self._snapshot is None
+            if self._state is Restore.LOST or (self._state is Restore.SNAPSHOT and self._snapshot is None
                                          and self._snapshot_checkpoint is None):
                 rec.finish(RecoveryError(
                     f"{reason}; the weights trained since the last save or load are lost with it: "
@@ -276,7 +274,7 @@ class FaultHandling:
 
     def _restore(self, fresh: dict[int, object]) -> None:
         """Give restarted workers the weights they had."""
-        if self._state == "fresh" or not fresh:
+        if self._state is Restore.FRESH or not fresh:
             return  # nothing was loaded or trained: the seeded initial weights are the state
         if self._snapshot is not None:
             try:
@@ -300,7 +298,7 @@ class FaultHandling:
         """Keep every worker's full state in the object store. The refs are owned by this driver, so
         the objects outlive the workers; the driver never fetches them (it holds no branch)."""
         self._snapshot = refs if refs is not None else [w.pieces.remote(True) for w in self.workers]
-        self._snapshot_checkpoint, self._state = checkpoint, "snapshot"
+        self._snapshot_checkpoint, self._state = checkpoint, Restore.SNAPSHOT
 
     def health(self) -> dict:
         """For the server's health probe (thread-safe, cheap): one ping per worker in its side

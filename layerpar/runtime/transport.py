@@ -24,7 +24,7 @@ import ray
 
 from layerpar.runtime import shm
 from layerpar.runtime.fastpath import MAX_REPLY_BYTES, FastPath, FastPathError, PeerLost
-from layerpar.runtime.recovery import WorkerError, is_comm_failure
+from layerpar.runtime.recovery import WorkerError
 
 log = logging.getLogger("layerpar.runtime")
 
@@ -149,10 +149,9 @@ class Transport:
             return None
         for reply in replies:
             if reply[0] == "error":
-                cause = RuntimeError(reply[1])
-                if is_comm_failure(cause):
+                if reply[2]:  # the worker's exception was a failed collective (parallel/comm.py)
                     raise WorkerError(f"a collective failed (a peer died or hung): {reply[1][:300]}")
-                raise cause
+                raise RuntimeError(reply[1])
         return [reply[1:] for reply in replies]
 
     def end_fast(self, reset: bool = False) -> None:

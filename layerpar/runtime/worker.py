@@ -20,9 +20,9 @@ import torch
 
 from layerpar.config import from_dict
 from layerpar.parallel import process_group
-from layerpar.parallel.shard import BranchShard
 from layerpar.runtime import fastpath, shm
 from layerpar.runtime.shm import SharedInput
+from layerpar.train.shard import BranchShard
 
 
 def as_tensor(x) -> torch.Tensor:

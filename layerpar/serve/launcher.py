@@ -130,9 +130,9 @@ def serve_main(argv: list[str] | None = None) -> int:
                     help="config override, repeatable")
     args = ap.parse_args(argv)
     try:
+        from layerpar.runtime.backend import make_backend
         from layerpar.serve.auth import resolve_token
         from layerpar.train.checkpoint import CheckpointError
-        from layerpar.train.local import make_backend
 
         cfg, ckpt_dir, manifest = resolve(args)
         token = resolve_token(cfg.serve.token_file)

@@ -52,6 +52,8 @@ class ServerMetrics:
         self.degraded = Counter("layerpar_degraded_responses", "Answers from the surviving branches only",
                                 registry=r)
         self.backend_errors = Counter("layerpar_backend_errors", "Failed engine calls", registry=r)
+        self.expired = Counter("layerpar_expired_requests", "Requests dropped unseen in the queue because "
+                               "their deadline passed (each also answered DEADLINE_EXCEEDED)", registry=r)
         self._http = None
 
     def track_queue(self, depth: Callable[[], int]) -> None:

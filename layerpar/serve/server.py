@@ -95,7 +95,8 @@ class InferenceServer:
         """Bind, start serving, return "host:port"."""
         s = self.cfg.serve
         self.batcher = Batcher(self._compute, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms,
-                               max_queue=s.max_queue, on_batch=self.metrics.batch)
+                               max_queue=s.max_queue, on_batch=self.metrics.batch,
+                               on_expired=self.metrics.expired.inc)
         self.metrics.track_queue(self.batcher.depth)
         count = self.metrics.request
         interceptors = [TokenAuth(self.token, on_refused=lambda m: count(method_label(m), "UNAUTHENTICATED"),
@@ -334,14 +335,3 @@ class ServerThread:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def cli_main(argv: list[str] | None = None) -> int:
-    """`layerpar serve ...`; see layerpar.serve.launcher for the options."""
-    from layerpar.serve.launcher import serve_main
-
-    return serve_main(argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(cli_main())

@@ -15,10 +15,10 @@ from layerpar.train.checkpoint import (
     save_checkpoint,
 )
 from layerpar.train.evaluate import evaluate
-from layerpar.train.local import LocalBackend, make_backend
+from layerpar.train.local import LocalBackend
 from layerpar.train.loop import run_training
 
 __all__ = [
     "Checkpoint", "CheckpointError", "LocalBackend", "evaluate", "latest_checkpoint", "load_checkpoint",
-    "make_backend", "model_state", "run_training", "save_checkpoint",
+    "model_state", "run_training", "save_checkpoint",
 ]

@@ -1,8 +1,8 @@
-"""The single-process Backend: the whole model, its optimizer and the shared training step in this
-process. `layerpar.runtime.Engine` implements the same protocol with Ray branch workers; the training
-loop, evaluation, serving and benchmarks drive either through `make_backend`.
+"""The single-process Backend (layerpar/runtime/backend.py): the whole model, its optimizer and the
+shared training step in this process. `layerpar.runtime.Engine` implements the same protocol with Ray
+branch workers; `layerpar.runtime.backend.make_backend` picks one from the config.
 
-    with make_backend(cfg, total_steps=1000) as backend:   # LocalBackend when parallel.workers == 0
+    with LocalBackend(cfg, total_steps=1000) as backend:
         backend.train_step(x, y); logits = backend.infer(x); backend.save(run_dir, epoch=1)
 """
 
@@ -15,6 +15,7 @@ import torch
 
 from layerpar.model import ParaFormer, build_model
 from layerpar.model.overflow import check_finite_logits
+from layerpar.model.paraformer import prefix_sums
 from layerpar.parallel.comm import LocalComm
 from layerpar.train.checkpoint import (
     CheckpointError,
@@ -50,11 +51,7 @@ def prefix_logits_of(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x).unsqueeze(0)
     x0 = model.embed(x)  # (B, T, D)
     outs = model.branch_outputs(x0, model.branch_ids)  # (N, B, D)
-    running, sums = outs[0], [outs[0]]
-    for k in range(1, outs.shape[0]):  # fixed branch order: equals branch_sum bit for bit
-        running = running + outs[k]
-        sums.append(running)
-    return model.head(torch.stack(sums))  # (N, B, classes)
+    return model.head(prefix_sums(outs))  # (N, B, classes); row N-1 equals branch_sum bit for bit
 
 
 class LocalBackend:
@@ -75,16 +72,24 @@ class LocalBackend:
 
     # ------------------------------------------------------------------ compute
 
-    @torch.no_grad()
     def infer(self, x: torch.Tensor, num_branches: int | None = None) -> torch.Tensor:
         """(B, C, H, W) -> logits (B, classes) of the prefix model of the first num_branches.
         Raises InputOverflow (a ValueError) when a row's values overflow the model (NaN/Inf logits)."""
+        return check_finite_logits(self.infer_with_meta(x, num_branches)[0])
+
+    @torch.no_grad()
+    def infer_with_meta(self, x: torch.Tensor, num_branches: int | None = None
+                        ) -> tuple[torch.Tensor, dict]:
+        """(logits as computed, meta): one process is never degraded."""
         self.model.eval()
+        n = self.cfg.model.num_branches
         if isinstance(self.model, ParaFormer):
-            return check_finite_logits(self.model(x, num_branches))
-        if num_branches not in (None, self.cfg.model.num_branches):
+            logits = self.model(x, num_branches)
+        elif num_branches not in (None, n):
             raise ValueError(f"a ViT has no prefix models; num_branches must be None, got {num_branches}")
-        return check_finite_logits(self.model(x))
+        else:
+            logits = self.model(x)
+        return logits, {"degraded": False, "branches_used": list(range(num_branches or n))}
 
     def prefix_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (N, B, classes), the logits of every prefix k = 1..N ((1, B, C) for a ViT)."""
@@ -153,11 +158,3 @@ class LocalBackend:
     def __exit__(self, *exc) -> None:
         self.shutdown()
 
-
-def make_backend(cfg, total_steps: int = 0, checkpoint: str | Path | None = None):
-    """Engine (Ray branch workers) when cfg.parallel.workers >= 1, else a LocalBackend."""
-    if cfg.parallel.workers >= 1:
-        from layerpar.runtime import Engine  # Ray is imported only when workers are asked for
-
-        return Engine(cfg, total_steps=total_steps, checkpoint=checkpoint)
-    return LocalBackend(cfg, total_steps=total_steps, checkpoint=checkpoint)

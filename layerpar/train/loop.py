@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from layerpar.config import ConfigError, load_config, save_config
-from layerpar.data import DataError, batches, load_dataset
+from layerpar.data import DataError, batches, batches_per_epoch, load_dataset
 from layerpar.data.augment import augment
 from layerpar.train.checkpoint import (
     CHECKPOINTS,
@@ -33,8 +32,8 @@ from layerpar.train.checkpoint import (
     resolve_checkpoint,
 )
 from layerpar.train.evaluate import evaluate
-from layerpar.train.local import make_backend
-from layerpar.train.optim import steps_per_batch
+from layerpar.train.local import LocalBackend
+from layerpar.train.step import prefix_plan
 
 
 def run_name(cfg) -> str:
@@ -56,10 +55,6 @@ def make_run_dir(cfg, run_dir: str | Path | None) -> Path:
         path = base.with_name(f"{base.name}-{n}")
     path.mkdir(parents=True)
     return path
-
-
-def batches_per_epoch(num_train: int, batch_size: int) -> int:
-    return max(1, math.ceil(num_train / batch_size))
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -89,14 +84,16 @@ def train_epoch(backend, split, cfg, *, epoch: int, skip: int, step: int, bar,
 
 def run_training(cfg, run_dir: str | Path | None = None, *, resume: str | Path | None = None,
                  progress: bool = True, callbacks: list | None = None,
-                 trainer: str = "auto") -> dict[str, Any]:
+                 backend_factory=None) -> dict[str, Any]:
     """Train (or resume) one run and evaluate it on the test split; returns the result dict that
     launch/train.py prints. `resume` is a checkpoint or run dir to start from; without it, a run dir
     that already holds a checkpoint resumes from its latest.
 
     parallel.workers >= 1 runs under Ray Train (raytrain.fit; `callbacks` are its UserCallbacks, e.g.
-    Tune's). trainer="engine" instead drives the runtime Engine's train_step from this loop: the
-    old driver-fed path, kept only for train/restart.py and the fault test that exercises it."""
+    Tune's); 0 trains a LocalBackend in this process. `backend_factory(cfg, total_steps=...,
+    checkpoint=...)` instead makes the backend this loop drives step by step: runtime/restart.py
+    passes the runtime Engine (the old driver-fed path, kept for the tests that need an Engine
+    whose weights move)."""
     t_start = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
     splits = load_dataset(cfg)  # data errors surface before anything is written
@@ -110,7 +107,7 @@ def run_training(cfg, run_dir: str | Path | None = None, *, resume: str | Path |
 
     t = cfg.train
     bpe = batches_per_epoch(int(splits.train.y.shape[0]), t.batch_size)
-    total_steps = t.epochs * bpe * steps_per_batch(cfg)
+    total_steps = t.epochs * bpe * len(prefix_plan(cfg))
     start_epoch, skip, prior_seconds, prior_total, step = 0, 0, 0.0, 0.0, 0
     if start_from is not None:
         manifest = read_manifest(start_from)
@@ -126,7 +123,7 @@ def run_training(cfg, run_dir: str | Path | None = None, *, resume: str | Path |
     if start_from is not None:
         log(f"resuming from {start_from} (epoch {start_epoch}, +{skip} batches)")
 
-    if cfg.parallel.workers >= 1 and trainer != "engine":  # every rank runs the loop, under Ray Train
+    if cfg.parallel.workers >= 1 and backend_factory is None:  # every rank runs the loop, under Ray Train
         from layerpar.train.raytrain import fit
 
         out = fit(cfg, run_dir, start_from=start_from, bpe=bpe, initial=start_epoch * bpe + skip,
@@ -140,7 +137,7 @@ def run_training(cfg, run_dir: str | Path | None = None, *, resume: str | Path |
     backend = None
     bar = None
     try:
-        backend = make_backend(cfg, total_steps=total_steps, checkpoint=start_from)
+        backend = (backend_factory or LocalBackend)(cfg, total_steps=total_steps, checkpoint=start_from)
         info = backend.info()
         log(f"run {run_dir}: {cfg.model.kind} params={info['params']} workers={info['workers']} "
             f"transport={info['transport']} epochs={t.epochs} steps={total_steps}")

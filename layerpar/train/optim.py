@@ -55,11 +55,6 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def steps_per_batch(cfg) -> int:
-    """Optimizer steps per batch: one (joint), or one per prefix plus a joint one (progressive)."""
-    if cfg.train.mode == "progressive" and cfg.model.kind == "paraformer":
-        return cfg.model.num_branches - cfg.train.frozen_branches + 1
-    return 1
 
 
 def optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

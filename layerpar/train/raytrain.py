@@ -157,7 +157,7 @@ def fit(cfg, run_dir: Path, *, start_from: Path | None, bpe: int, initial: int =
     rest). Raises TrainingError when Ray Train gives up."""
     from ray.train import TrainingFailedError
 
-    from layerpar.runtime.cluster import connect
+    from layerpar.parallel.cluster import connect
 
     owns_ray = connect(cfg)
     storage = resolve_storage(cfg, run_dir)

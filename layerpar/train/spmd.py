@@ -5,9 +5,10 @@
 Each rank builds its BranchShard (its branches plus replicas of the embedding and head), reads the
 dataset itself and draws the same seeded batches and augmentation as every other rank and as the
 single-process loop (layerpar.train.loop), so nothing is broadcast: only the pooled (K_w, B, D) branch
-rows (one all_gather) and the replicated gradients with the squared branch norms (one all_reduce)
-cross the process group per optimizer step (layerpar.parallel.comm). Every prefix model is evaluated
-inside the loop; checkpoints are written by every rank (shard_checkpoint.py) and reported with
+rows (one all_gather) and the replicated gradients with the squared branch norms (one sum over ranks:
+an all_gather on gloo, an all_reduce on NCCL) cross the process group per optimizer step
+(layerpar.parallel.comm). Each CPU rank runs on its own cores (parallel.pin_cpus). Every prefix model
+is evaluated inside the loop; checkpoints are written by every rank (shard_checkpoint.py) and reported with
 ray.train.report, and after a lost worker Ray Train restarts the group, which resumes from
 ray.train.get_checkpoint() exactly where that checkpoint left off.
 """
@@ -22,16 +23,18 @@ import ray.train
 import torch
 
 from layerpar.config import from_dict
-from layerpar.data import batches, load_dataset
+from layerpar.data import batches, batches_per_epoch, load_dataset
 from layerpar.data.augment import augment
 from layerpar.model.paraformer import prefix_sums
-from layerpar.parallel.shard import BranchShard
+from layerpar.parallel.affinity import pin_rank
 from layerpar.train.checkpoint import load_checkpoint, step_dir_name
 from layerpar.train.evaluate import evaluate
-from layerpar.train.optim import steps_per_batch
+from layerpar.train.shard import BranchShard
 from layerpar.train.shard_checkpoint import clean_staging, save_sharded
+from layerpar.train.step import prefix_plan
 
 PROGRESS_EVERY_S = 0.5  # rank 0 tells the driver how far it is at most this often
+DEADLINE_EVERY = 8  # batches between the ranks' agreement on train.max_minutes (a collective each)
 
 
 class TimedComm:
@@ -137,20 +140,33 @@ def _train_epoch(shard, split, cfg, *, epoch: int, skip: int, clock: _Clock, pro
             state["pushed"] = t_data
             progress.push.remote({"kind": "step", "epoch": epoch, "batch": done, "step": out["step"],
                                   "loss": out["loss"], "samples": state["samples"], "t": time.time()})
-        if deadline is not None and clock.comm.any_true(time.perf_counter() > deadline):
+        if deadline is not None and done % DEADLINE_EVERY == 0 \
+                and clock.comm.any_true(time.perf_counter() > deadline):
             break  # every rank stops at the same batch (rank clocks disagree)
     return losses, lr, done
 
 
-def _start(cfg, config: dict, rank: int):
-    """Threads, device, dataset, this rank's shard and its comm, restored state."""
+def set_up_rank(cfg) -> list[int]:
+    """Threads and device of this rank: its GPU, or on a CPU node its own cores (parallel.pin_cpus);
+    returns the cores it was pinned to ([] if none)."""
     torch.set_num_threads(cfg.parallel.threads_per_worker)
     if cfg.parallel.gpus_per_worker > 0:
         torch.cuda.set_device(ray.train.torch.get_device())  # the GPU Ray Train gave this rank
+        return []
+    if not cfg.parallel.pin_cpus:
+        return []
+    ctx = ray.train.get_context()
+    return pin_rank(local_rank=ctx.get_local_rank(), local_world=ctx.get_local_world_size(),
+                    threads=cfg.parallel.threads_per_worker)
+
+
+def _start(cfg, config: dict, rank: int):
+    """Threads, device, cores, dataset, this rank's shard and its comm, restored state."""
+    set_up_rank(cfg)
     torch.manual_seed(cfg.train.seed)
     splits = load_dataset(cfg)
     bpe = batches_per_epoch(len(splits.train), cfg.train.batch_size)
-    shard = BranchShard(cfg, worker_rank=rank, total_steps=cfg.train.epochs * bpe * steps_per_batch(cfg))
+    shard = BranchShard(cfg, worker_rank=rank, total_steps=cfg.train.epochs * bpe * len(prefix_plan(cfg)))
     comm = TimedComm(shard.attach_group())
     shard.comms[shard.layout.num_workers] = comm  # train_step's collectives go through the timer
     manifest, where = _restore(shard, config)
@@ -259,7 +275,3 @@ class _Run:
 def _params(shard: BranchShard, comm) -> int:
     counts = comm.share_objects(shard.param_counts())
     return sum(c["branches"] for c in counts) + counts[0]["replicated"]
-
-
-def batches_per_epoch(num_train: int, batch_size: int) -> int:
-    return max(1, -(-num_train // batch_size))

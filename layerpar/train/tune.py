@@ -37,7 +37,7 @@ def _trial(params: dict) -> None:
 def sweep(cfg, *, lrs: list[float], weight_decays: list[float], concurrent: int = 1,
           name: str | None = None) -> dict[str, Any]:
     """Run the grid; returns {"sweep_dir", "best", "trials"} (one entry per trial)."""
-    from layerpar.runtime.cluster import connect
+    from layerpar.parallel.cluster import connect
 
     if cfg.parallel.workers < 1:
         raise ValueError("a Tune sweep runs Ray Train trials: set parallel.workers >= 1")

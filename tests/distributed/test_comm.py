@@ -13,8 +13,8 @@ from layerpar.config import load_config
 from layerpar.model import ParaFormer
 from layerpar.parallel import process_group
 from layerpar.parallel.comm import LocalComm
-from layerpar.parallel.shard import BranchShard
 from layerpar.train.optim import make_optimizer
+from layerpar.train.shard import BranchShard
 from layerpar.train.step import train_step
 from tests.parity import assert_weights_match, loss_atol
 

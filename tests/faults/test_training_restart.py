@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import layerpar.train.loop as loop
-from layerpar.runtime import WorkerError
+from layerpar.runtime import Engine, WorkerError
+from layerpar.runtime.restart import run_with_restarts
 from layerpar.train.checkpoint import load_checkpoint, model_state
 from layerpar.train.loop import run_training
-from layerpar.train.restart import run_with_restarts
 from tests.faults.helpers import fault_cfg, wait_dead
 
 pytestmark = pytest.mark.ray
@@ -57,8 +57,8 @@ def kill_before_step(monkeypatch, chaos, rank: int) -> list[dict]:
 def test_killed_worker_mid_run_restarts_from_checkpoint_and_ends_bit_identical(
         local_ray, chaos, tmp_path, monkeypatch):
     cfg = run_cfg(tmp_path, max_failures=1)
-    # the same driver-fed Engine loop that run_with_restarts runs (trainer="engine"), uninterrupted
-    clean = run_training(cfg, tmp_path / "clean", progress=False, trainer="engine")
+    # the same driver-fed Engine loop that run_with_restarts runs (backend_factory=Engine), uninterrupted
+    clean = run_training(cfg, tmp_path / "clean", progress=False, backend_factory=Engine)
     killed = kill_before_step(monkeypatch, chaos, rank=1)
     result = run_with_restarts(cfg, tmp_path / "chaos", progress=False)
     assert len(killed) == 1  # the kill happened, once

@@ -30,3 +30,13 @@ def test_layout_prints_and_refuses_bad_values():
         BranchLayout(8, 0)
     with pytest.raises(ValueError, match="num_branches"):
         BranchLayout(8, 2).participants(9)
+
+
+def test_cpu_ranks_get_disjoint_cores_or_none():
+    from layerpar.parallel.affinity import cores_for
+
+    cores = [0, 1, 2, 3]
+    assert [cores_for(r, 2, 2, cores) for r in range(2)] == [[0, 1], [2, 3]]
+    assert [cores_for(r, 4, 1, cores) for r in range(4)] == [[0], [1], [2], [3]]
+    assert cores_for(0, 3, 2, cores) == []  # 6 threads on 4 cores: leave placement to the OS
+    assert cores_for(0, 2, 1, [5, 9]) == [5] and cores_for(1, 2, 1, [5, 9]) == [9]  # a cgroup's set

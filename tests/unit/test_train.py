@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from layerpar.model import ParaFormer
+from layerpar.runtime.backend import make_backend
 from layerpar.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, model_state
 from layerpar.train.evaluate import evaluate
-from layerpar.train.local import LocalBackend, make_backend
+from layerpar.train.local import LocalBackend
 from layerpar.train.loop import run_training
 
 pytestmark = pytest.mark.unit

@@ -2,7 +2,7 @@
 
 Superseded: launch/train.py and run_training train distributed runs under Ray Train
 (layerpar.train.raytrain), whose controller restarts the worker group itself. This module and the
-Engine-driven loop it runs (run_training(trainer="engine")) stay only while
+Engine-driven loop it runs (run_training(backend_factory=Engine)) stay only while
 tests/faults/test_training_restart.py exercises them; delete both together.
 
     result = run_with_restarts(cfg, run_dir="runs/my-run")   # same arguments as run_training
@@ -23,17 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from layerpar.runtime.engine import Engine, WorkerError
 from layerpar.train.checkpoint import CHECKPOINTS, latest_checkpoint, read_manifest, resolve_checkpoint
 from layerpar.train.loop import run_name, run_training
-
-
-def _worker_errors(cfg) -> tuple[type[BaseException], ...]:
-    """What counts as a lost worker; a single-process run has none (and never imports Ray)."""
-    if cfg.parallel.workers < 1:
-        return ()
-    from layerpar.runtime import WorkerError
-
-    return (WorkerError,)
 
 
 def _new_run_dir(cfg) -> Path:
@@ -51,8 +43,7 @@ def run_with_restarts(cfg, run_dir: str | Path | None = None, *, resume: str | P
                       progress: bool = True) -> dict[str, Any]:
     """run_training, restarted from the last checkpoint after each lost worker, up to
     train.max_failures times."""
-    catch = _worker_errors(cfg)
-    if not catch:  # one process: no worker to lose
+    if cfg.parallel.workers < 1:  # one process: no worker to lose
         return run_training(cfg, run_dir, resume=resume, progress=progress)
     if run_dir is None and resume is not None:  # as run_training does: resuming a run writes into it
         start = resolve_checkpoint(resume)
@@ -65,8 +56,9 @@ def run_with_restarts(cfg, run_dir: str | Path | None = None, *, resume: str | P
         start_from = resume if latest_checkpoint(run_dir) is None else None
         t0 = time.perf_counter()
         try:
-            result = run_training(cfg, run_dir, resume=start_from, progress=progress, trainer="engine")
-        except catch as exc:
+            result = run_training(cfg, run_dir, resume=start_from, progress=progress,
+                                  backend_factory=Engine)
+        except WorkerError as exc:
             ckpt = latest_checkpoint(run_dir) or (resolve_checkpoint(resume) if resume else None)
             epoch = read_manifest(ckpt)["epoch"] if ckpt is not None else 0
             restarts.append({"error": str(exc).splitlines()[0], "after_s": round(time.perf_counter() - t0, 3),
