@@ -8,7 +8,8 @@ The autograd algebra of a layer-parallel Para-Former (docs/RUNTIME.md, "Training
 
     forward:  x is broadcast to every worker;      y = sum_w p_w        (reduce_branch_sums;
               inference: gather_branch_sums, y on rank 0 only)
-    backward: dL/dy is broadcast to every worker;  dL/dx0 = sum_w dL/dx0_w  (sum_replicated_grads)
+    backward: dL/dy is broadcast to every worker;  dL/dx0 = sum_w dL/dx0_w
+              (sum_replicated_grads_and_owned_sq: the embedding's gradients summed over ranks)
 
 Every worker holds the full y after the reduce and computes the same head and loss, so every worker
 already holds the full dL/dy: the backward of the reduce is the identity (broadcast_output_grad).
@@ -59,16 +60,9 @@ class LocalComm:
     def gather_branch_sums(self, outputs: torch.Tensor, num_branches: int | None = None) -> torch.Tensor:
         return ordered_sum(outputs)
 
-    def sum_replicated_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
-        return None
-
-    def global_grad_norm(self, owned: Iterable[torch.Tensor], replicated: Iterable[torch.Tensor]
-                         ) -> torch.Tensor:
-        return _sq_norm(list(owned) + list(replicated)).sqrt()
-
     def sum_replicated_grads_and_owned_sq(self, params: Iterable[torch.nn.Parameter],
                                           owned: Iterable[torch.Tensor]) -> torch.Tensor:
-        return _sq_norm(list(owned))
+        return sq_norm(list(owned))
 
     def all_branch_rows(self, outputs: torch.Tensor) -> torch.Tensor:
         return outputs
@@ -80,7 +74,7 @@ class LocalComm:
         return bool(flag)
 
 
-def _sq_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+def sq_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """Sum of squared norms as a float64 scalar on every rank, whatever the gradients' dtype: ranks
     all-reduce it together, so its dtype must not depend on which gradients a rank holds (a rank with
     no trainable branch in a prefix step has none), and float64 adds no rounding to a float64 run."""
@@ -158,35 +152,16 @@ class GroupComm:
         k = self.layout.num_branches if num_branches is None else num_branches
         return [sum(1 for b in self.layout.owned(r) if b < k) for r in range(self.world_size)]
 
-    def sum_replicated_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
-        """Sum the gradients of replicated parameters (the embedding) so every replica steps alike.
-        One flat all-reduce; a missing gradient counts as zero."""
-        params = list(params)
-        if not params:
-            return
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                          for p in params])
-        flat = _sum_over_ranks(flat, self.group)  # blocks until every rank contributes
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).clone()
-            offset += n
-
-    def global_grad_norm(self, owned: Iterable[torch.Tensor], replicated: Iterable[torch.Tensor]
-                         ) -> torch.Tensor:
-        """sqrt(sum over workers of their own branches' squared norms + the replicated ones once)."""
-        owned_sq = _sum_over_ranks(_sq_norm(list(owned)).to(_device()).reshape(1), self.group)[0]
-        return (owned_sq + _sq_norm(list(replicated)).to(owned_sq.device)).sqrt()
-
     def sum_replicated_grads_and_owned_sq(self, params: Iterable[torch.nn.Parameter],
                                           owned: Iterable[torch.Tensor]) -> torch.Tensor:
-        """sum_replicated_grads and the owned half of global_grad_norm in ONE all-reduce: the
-        squared norm of this rank's own gradients rides at the end of the flat replicated gradients
-        (a collective costs ~1 ms of latency here, its few KB nothing). Returns the sum over ranks
-        of the owned squared norms; the caller adds the replicated gradients' squared norm once."""
+        """Sum the gradients of replicated parameters (the embedding; a missing one counts as zero) so
+        every replica steps alike, and the squared norms of every rank's own gradients, in ONE sum
+        over ranks: this rank's owned squared norm rides at the end of the flat replicated gradients
+        (a collective costs ~1 ms of latency here, its few KB nothing). Returns the sum over ranks of
+        the owned squared norms; the caller adds the replicated gradients' squared norm once (the
+        global norm the clip needs)."""
         params = list(params)
-        owned_sq = _sq_norm(list(owned))
+        owned_sq = sq_norm(list(owned))
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         # the buffer takes the gradients' dtype (the norm only sets the clip factor; a float64
         # run stays float64); every rank must use the same dtype, which the model's dtype fixes

@@ -5,7 +5,7 @@ make_backend) does not, until a backend with workers is made.
 """
 
 _LAZY = {"ClusterError": "layerpar.parallel.cluster", "Engine": "layerpar.runtime.engine",
-         "WorkerError": "layerpar.runtime.recovery", "PlacementError": "layerpar.runtime.placement"}
+         "WorkerError": "layerpar.runtime.errors", "PlacementError": "layerpar.runtime.placement"}
 
 __all__ = sorted(_LAZY)
 

@@ -25,18 +25,7 @@ from typing import Any
 
 from layerpar.runtime.engine import Engine, WorkerError
 from layerpar.train.checkpoint import CHECKPOINTS, latest_checkpoint, read_manifest, resolve_checkpoint
-from layerpar.train.loop import run_name, run_training
-
-
-def _new_run_dir(cfg) -> Path:
-    """The directory run_training would create (created by it, after the data loaded), fixed here
-    so that every restart resumes in it."""
-    base = Path(cfg.train.out_dir) / run_name(cfg)
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path
+from layerpar.train.loop import new_run_path, run_training
 
 
 def run_with_restarts(cfg, run_dir: str | Path | None = None, *, resume: str | Path | None = None,
@@ -49,7 +38,7 @@ def run_with_restarts(cfg, run_dir: str | Path | None = None, *, resume: str | P
         start = resolve_checkpoint(resume)
         if start.parent.name == CHECKPOINTS:
             run_dir = start.parent.parent
-    run_dir = Path(run_dir) if run_dir is not None else _new_run_dir(cfg)
+    run_dir = Path(run_dir) if run_dir is not None else new_run_path(cfg)  # fixed for every restart
     restarts: list[dict[str, Any]] = []
     while True:
         # the caller's starting point until this run has written a checkpoint of its own

@@ -120,6 +120,9 @@ class InputSlots:
             with self._lock:
                 self._free.append(slot)
 
+    def paths(self) -> list[Path]:
+        return [slot.path for slot in self._all]
+
     def close(self) -> None:
         with self._lock:
             for slot in self._all:

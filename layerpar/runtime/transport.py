@@ -5,7 +5,12 @@
     with transport.broadcast(x.numpy(), placement) as ref:   # array, shm slot or object-store ref
         replies = transport.fast_call(workers, placement, ranks, ("infer", ref, k, reduce))
         # None: not every worker shares this node (or the fast path is off): use Ray calls
+    refs = transport.submit(workers, "branch_outputs", ref)  # any other call on the default threads
     transport.close()
+
+The default-thread rule lives here and nowhere else: the fast path's loop occupies each worker's
+default thread, so `submit` ends it before any Ray call that needs those threads, and fast calls and
+submissions share one lock, so every worker sees calls in the same order (collectives match up).
 
 - Small batches (<= INLINE_BYTES) ride inside the request.
 - Larger ones go into a shared-memory slot (runtime/shm.py) when every worker shares the driver's
@@ -23,8 +28,8 @@ from contextlib import contextmanager
 import ray
 
 from layerpar.runtime import shm
+from layerpar.runtime.errors import WorkerError
 from layerpar.runtime.fastpath import MAX_REPLY_BYTES, FastPath, FastPathError, PeerLost
-from layerpar.runtime.recovery import WorkerError
 
 log = logging.getLogger("layerpar.runtime")
 
@@ -54,9 +59,9 @@ class FastLane:
     restarted when they change (a recovery replaced one), ended before any other call needs the
     workers' default threads, and switched off for good (with a warning) if it cannot start.
 
-    After a call fails, the same workers get no new fast path until `reset()` (the recovery calls it
-    once no call is in flight): a call queued behind the failed one fails at once instead of
-    waiting for a stopped worker to connect."""
+    After a call fails, the same workers get no new fast path until `reset()` (Transport.
+    workers_changed, once a recovery has drained every call): a call queued behind the failed one
+    fails at once instead of waiting for a stopped worker to connect."""
 
     def __init__(self, *, enabled: bool, timeout_s: float, startup_timeout_s: float,
                  heartbeat_s: float, tag: str):
@@ -64,11 +69,11 @@ class FastLane:
         self.timeout_s, self.startup_timeout_s, self.heartbeat_s = timeout_s, startup_timeout_s, heartbeat_s
         self._fast: FastPath | None = None
         self._failed: list | None = None  # the workers whose fast path failed, until reset()
-        self._lock = threading.RLock()  # one call at a time: every worker sees the same order
+        self.lock = threading.RLock()  # one call at a time: every worker sees the same order
 
     def call(self, workers: list, ranks: int, msg: tuple) -> list[tuple] | None:
         """Replies of ranks 0..ranks-1 to msg; None when the fast path is off."""
-        with self._lock:
+        with self.lock:
             try:
                 fast = self._for(workers)
                 return None if fast is None else fast.call(range(ranks), msg)
@@ -95,15 +100,19 @@ class FastLane:
             self.enabled = False
         return self._fast
 
+    @property
+    def running(self) -> bool:
+        return self._fast is not None
+
     def end(self) -> None:
-        with self._lock:
+        with self.lock:
             if self._fast is not None:
                 self._fast.close()
                 self._fast = None
 
     def reset(self) -> None:
         """End the fast path and allow a new one for the same workers (after a recovery)."""
-        with self._lock:
+        with self.lock:
             self.end()
             self._failed = None
 
@@ -154,16 +163,29 @@ class Transport:
                 raise RuntimeError(reply[1])
         return [reply[1:] for reply in replies]
 
-    def end_fast(self, reset: bool = False) -> None:
-        """Give the workers' default threads back (before any other call that needs them); with
-        reset, also allow a new fast path to workers whose last one failed (a recovery's drain)."""
-        if reset:
-            self.lane.reset()
-        else:
+    def submit(self, workers: list, method: str, *args, per_worker: list[tuple] | None = None) -> list:
+        """One Ray call of a default-thread worker method per worker (per_worker: each its own
+        arguments), all submitted before any reply is awaited. The fast path's loop, which holds
+        those threads, ends first; no other thread's calls interleave."""
+        with self.lane.lock:
             self.lane.end()
+            return [getattr(w, method).remote(*(per_worker[i] if per_worker is not None else args))
+                    for i, w in enumerate(workers)]
+
+    def workers_changed(self) -> None:
+        """A recovery is about to re-form the group: the fast path may start again, to whichever
+        workers it then has, once the next call asks for it."""
+        self.lane.reset()
+
+    @property
+    def fast_path_running(self) -> bool:
+        return self.lane.running
+
+    def slot_paths(self) -> list:
+        return [] if self.slots is None else self.slots.paths()
 
     def close(self) -> None:
-        self.end_fast()
+        self.lane.end()
         if self.slots is not None:
             self.slots.close()
 

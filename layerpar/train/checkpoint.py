@@ -194,6 +194,17 @@ def _serialise(tensors: dict[str, torch.Tensor]) -> bytes:
     return st_save({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()})
 
 
+def _write_pieces(tmp: Path, pieces: dict, prefix: str, files: dict[str, str]) -> dict[str, str]:
+    """One file per piece under tmp (name -> sha256 added to `files`); returns piece -> file name."""
+    names = {}
+    for piece in sorted(pieces):
+        name = prefix + piece_file(piece)
+        data = _serialise(pieces[piece])
+        _write_file(tmp / name, data)
+        files[name], names[piece] = hashlib.sha256(data).hexdigest(), name
+    return names
+
+
 def save_checkpoint(
     path: str | Path,
     pieces: dict[str, dict[str, torch.Tensor]],
@@ -221,17 +232,8 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         files: dict[str, str] = {}
-        piece_files, optim_files = {}, {}
-        for piece in sorted(pieces):
-            name = piece_file(piece)
-            data = _serialise(pieces[piece])
-            _write_file(tmp / name, data)
-            files[name], piece_files[piece] = hashlib.sha256(data).hexdigest(), name
-        for piece in sorted(optim or {}):
-            name = "optim." + piece_file(piece)
-            data = _serialise(optim[piece])
-            _write_file(tmp / name, data)
-            files[name], optim_files[piece] = hashlib.sha256(data).hexdigest(), name
+        piece_files = _write_pieces(tmp, pieces, "", files)
+        optim_files = _write_pieces(tmp, optim or {}, "optim.", files)
         manifest = {
             "format": FORMAT,
             "step": int(step),

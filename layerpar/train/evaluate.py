@@ -27,3 +27,17 @@ def evaluate(backend, split, batch_size: int = 256) -> dict:
         loss_sum += F.cross_entropy(logits[-1], y, reduction="sum").item()
     prefix = [c / n for c in correct.tolist()]
     return {"accuracy": prefix[-1], "loss": loss_sum / n, "prefix_accuracy": prefix, "samples": n}
+
+
+def epoch_record(*, epoch: int, step: int, losses: list[float], val: dict, lr: float, seconds: float,
+                 train_seconds: float, done: int, stopped: bool) -> dict:
+    """One line of metrics.jsonl: epoch counts as done unless the run stopped mid-epoch (then
+    `epoch_batches` says how far it got)."""
+    record = {"epoch": epoch + (0 if stopped else 1), "step": step,
+              "train_loss": sum(losses) / len(losses) if losses else None,
+              "val_accuracy": val["accuracy"], "val_loss": val["loss"],
+              "val_prefix_accuracy": val["prefix_accuracy"], "lr": lr,
+              "seconds": round(seconds, 3), "train_seconds": round(train_seconds, 3)}
+    if stopped:
+        record["epoch_batches"] = done
+    return record

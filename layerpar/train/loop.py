@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from layerpar.train.checkpoint import (
     read_manifest,
     resolve_checkpoint,
 )
-from layerpar.train.evaluate import evaluate
+from layerpar.train.evaluate import epoch_record, evaluate
 from layerpar.train.local import LocalBackend
 from layerpar.train.step import prefix_plan
 
@@ -42,18 +43,20 @@ def run_name(cfg) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.data.name}-{cfg.model.kind}{mode}"
 
 
-def make_run_dir(cfg, run_dir: str | Path | None) -> Path:
-    """The given run dir (created if needed), or a new timestamped one under train.out_dir."""
-    if run_dir is not None:
-        path = Path(run_dir)
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+def new_run_path(cfg) -> Path:
+    """A timestamped run directory under train.out_dir that does not exist yet."""
     base = Path(cfg.train.out_dir) / run_name(cfg)
     path, n = base, 1
     while path.exists():  # two runs started in the same second
         n += 1
         path = base.with_name(f"{base.name}-{n}")
-    path.mkdir(parents=True)
+    return path
+
+
+def make_run_dir(cfg, run_dir: str | Path | None) -> Path:
+    """The given run dir (created if needed), or a new timestamped one under train.out_dir."""
+    path = Path(run_dir) if run_dir is not None else new_run_path(cfg)
+    path.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -82,6 +85,28 @@ def train_epoch(backend, split, cfg, *, epoch: int, skip: int, step: int, bar,
     return losses, lr, done, step
 
 
+@dataclass
+class _Start:
+    """Where a run begins: a checkpoint (or none) and what its manifest says."""
+
+    checkpoint: Path | None = None
+    epoch: int = 0
+    skip: int = 0  # batches of `epoch` trained before the checkpoint (a mid-epoch stop)
+    step: int = 0  # optimizer steps taken (the schedule's position)
+    prior_seconds: float = 0.0  # training time of the runs before this one
+    prior_total: float = 0.0  # their wall time (older checkpoints only stored the training time)
+
+    @classmethod
+    def of(cls, checkpoint: Path | None) -> _Start:
+        if checkpoint is None:
+            return cls()
+        manifest = read_manifest(checkpoint)
+        extra = manifest.get("extra", {})
+        prior = float(extra.get("train_seconds", 0.0))
+        return cls(checkpoint, int(manifest["epoch"]), int(extra.get("epoch_batches", 0)),
+                   int(manifest["step"]), prior, float(extra.get("total_seconds", prior)))
+
+
 def run_training(cfg, run_dir: str | Path | None = None, *, resume: str | Path | None = None,
                  progress: bool = True, callbacks: list | None = None,
                  backend_factory=None) -> dict[str, Any]:
@@ -102,128 +127,111 @@ def run_training(cfg, run_dir: str | Path | None = None, *, resume: str | Path |
         run_dir = start_from.parent.parent  # resuming a run: keep writing into it
     run_dir = make_run_dir(cfg, run_dir)
     save_config(cfg, run_dir)
-    if start_from is None:
-        start_from = latest_checkpoint(run_dir)
-
-    t = cfg.train
-    bpe = batches_per_epoch(int(splits.train.y.shape[0]), t.batch_size)
-    total_steps = t.epochs * bpe * len(prefix_plan(cfg))
-    start_epoch, skip, prior_seconds, prior_total, step = 0, 0, 0.0, 0.0, 0
-    if start_from is not None:
-        manifest = read_manifest(start_from)
-        extra = manifest.get("extra", {})
-        start_epoch, skip = int(manifest["epoch"]), int(extra.get("epoch_batches", 0))
-        step = int(manifest["step"])  # optimizer steps taken (the schedule's position)
-        prior_seconds = float(extra.get("train_seconds", 0.0))
-        # wall time of the runs before this one (older checkpoints only stored their training time)
-        prior_total = float(extra.get("total_seconds", prior_seconds))
-    eval_bs = max(t.batch_size, 256)
-    metrics_path = run_dir / "metrics.jsonl"
+    start = _Start.of(start_from if start_from is not None else latest_checkpoint(run_dir))
+    bpe = batches_per_epoch(int(splits.train.y.shape[0]), cfg.train.batch_size)
     log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else (lambda msg: None)
-    if start_from is not None:
-        log(f"resuming from {start_from} (epoch {start_epoch}, +{skip} batches)")
-
+    if start.checkpoint is not None:
+        log(f"resuming from {start.checkpoint} (epoch {start.epoch}, +{start.skip} batches)")
     if cfg.parallel.workers >= 1 and backend_factory is None:  # every rank runs the loop, under Ray Train
         from layerpar.train.raytrain import fit
 
-        out = fit(cfg, run_dir, start_from=start_from, bpe=bpe, initial=start_epoch * bpe + skip,
-                  progress=progress, callbacks=callbacks)
-        total = round(prior_total + time.perf_counter() - t_start, 3)  # >= train_seconds (issue 14)
-        result = {"run_dir": str(run_dir), **out, "kind": cfg.model.kind, "mode": t.mode,
-                  "dataset": cfg.data.name, "total_seconds": total}
-        (run_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
-        return result
+        out = fit(cfg, run_dir, start_from=start.checkpoint, bpe=bpe,
+                  initial=start.epoch * bpe + start.skip, progress=progress, callbacks=callbacks)
+        result = {"run_dir": str(run_dir), **out, "kind": cfg.model.kind, "mode": cfg.train.mode,
+                  "dataset": cfg.data.name}
+    else:
+        run = _DrivenRun(cfg, run_dir, splits, start, bpe, log, progress, t_start=t_start)
+        result = run.run(backend_factory or LocalBackend)
+    result["total_seconds"] = round(start.prior_total + time.perf_counter() - t_start, 3)  # >= train
+    (run_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
-    backend = None
-    bar = None
-    try:
-        backend = (backend_factory or LocalBackend)(cfg, total_steps=total_steps, checkpoint=start_from)
-        info = backend.info()
-        log(f"run {run_dir}: {cfg.model.kind} params={info['params']} workers={info['workers']} "
-            f"transport={info['transport']} epochs={t.epochs} steps={total_steps}")
-        bar = tqdm(total=t.epochs * bpe, initial=start_epoch * bpe + skip, file=sys.stderr,
-                   disable=not (progress and sys.stderr.isatty()), dynamic_ncols=True, unit="batch",
-                   desc="train")
-        t_train = time.perf_counter()
-        budget_s = t.max_minutes * 60.0
-        stopped_early, val, last_ckpt = False, None, start_from
-        for epoch in range(start_epoch, t.epochs):
+
+class _DrivenRun:
+    """The loop in this process, one backend.train_step per batch (LocalBackend, or the Engine)."""
+
+    def __init__(self, cfg, run_dir: Path, splits, start: _Start, bpe: int, log, progress: bool, *,
+                 t_start: float):
+        self.cfg, self.run_dir, self.splits, self.start, self.bpe = cfg, run_dir, splits, start, bpe
+        self.log, self.progress = log, progress
+        self.t0 = t_start  # when run_training began (the wall time a checkpoint records)
+        self.eval_bs = max(cfg.train.batch_size, 256)
+
+    def run(self, make) -> dict[str, Any]:
+        t, start, bar, backend = self.cfg.train, self.start, None, None
+        total_steps = t.epochs * self.bpe * len(prefix_plan(self.cfg))
+        try:
+            backend = make(self.cfg, total_steps=total_steps, checkpoint=start.checkpoint)
+            info = backend.info()
+            self.log(f"run {self.run_dir}: {self.cfg.model.kind} params={info['params']} "
+                     f"workers={info['workers']} transport={info['transport']} epochs={t.epochs} "
+                     f"steps={total_steps}")
+            bar = tqdm(total=t.epochs * self.bpe, initial=start.epoch * self.bpe + start.skip,
+                       file=sys.stderr, disable=not (self.progress and sys.stderr.isatty()),
+                       dynamic_ncols=True, unit="batch", desc="train")
+            val, last, step, stopped, train_s = self._epochs(backend, bar)
+            test = evaluate(backend, self.splits.test, self.eval_bs)
+            if val is None:  # nothing left to train (resumed a finished run)
+                val = evaluate(backend, self.splits.val, self.eval_bs)
+            return self._result(backend.info(), test, val, last, step, stopped, train_s)
+        finally:
+            if bar is not None:
+                bar.close()
+            if backend is not None:
+                backend.shutdown()  # always: a Ray engine holds actors and a placement group
+
+    def _epochs(self, backend, bar) -> tuple[dict | None, Path | None, int, bool, float]:
+        """Train from the start point; (last validation, last checkpoint, step, stopped early,
+        training seconds in all)."""
+        t, start = self.cfg.train, self.start
+        t_train, budget_s = time.perf_counter(), t.max_minutes * 60.0
+        skip, step, stopped, val, last = start.skip, start.step, False, None, start.checkpoint
+        for epoch in range(start.epoch, t.epochs):
             t_epoch = time.perf_counter()
             deadline = t_train + budget_s if budget_s else None
-            losses, lr, done, step = train_epoch(backend, splits.train, cfg, epoch=epoch, skip=skip,
-                                                 step=step, bar=bar, deadline=deadline)
-            stopped_early = done < bpe  # the budget ran out mid-epoch; the checkpoint says where
-            skip = 0
-            val = evaluate(backend, splits.val, eval_bs)
+            losses, lr, done, step = train_epoch(backend, self.splits.train, self.cfg, epoch=epoch,
+                                                 skip=skip, step=step, bar=bar, deadline=deadline)
+            stopped, skip = done < self.bpe, 0  # the budget ran out mid-epoch; the checkpoint says where
+            val = evaluate(backend, self.splits.val, self.eval_bs)
             elapsed = time.perf_counter() - t_train
-            record = {
-                "epoch": epoch + (0 if stopped_early else 1),
-                "step": step,
-                "train_loss": sum(losses) / len(losses) if losses else None,
-                "val_accuracy": val["accuracy"],
-                "val_loss": val["loss"],
-                "val_prefix_accuracy": val["prefix_accuracy"],
-                "lr": lr,
-                "seconds": round(time.perf_counter() - t_epoch, 3),
-                "train_seconds": round(prior_seconds + elapsed, 3),
-            }
-            if stopped_early:
-                record["epoch_batches"] = done
-            _append_jsonl(metrics_path, record)
+            record = epoch_record(epoch=epoch, step=step, losses=losses, val=val, lr=lr,
+                                  seconds=time.perf_counter() - t_epoch, done=done, stopped=stopped,
+                                  train_seconds=start.prior_seconds + elapsed)
+            _append_jsonl(self.run_dir / "metrics.jsonl", record)
             acc = "n/a" if val["accuracy"] is None else f"{val['accuracy']:.4f}"
             loss = "n/a" if record["train_loss"] is None else f"{record['train_loss']:.4f}"
-            log(f"epoch {epoch + 1}/{t.epochs} loss {loss} val_acc {acc} "
-                f"lr {lr:.2e} {record['seconds']:.1f}s")
+            self.log(f"epoch {epoch + 1}/{t.epochs} loss {loss} val_acc {acc} "
+                     f"lr {lr:.2e} {record['seconds']:.1f}s")
             finished = epoch + 1 == t.epochs
             over_budget = bool(budget_s) and elapsed > budget_s
-            if stopped_early or finished or over_budget or (epoch + 1) % t.checkpoint_every == 0:
-                extra = {"train_seconds": prior_seconds + elapsed,
-                         "total_seconds": prior_total + time.perf_counter() - t_start}
-                if stopped_early:
+            if stopped or finished or over_budget or (epoch + 1) % t.checkpoint_every == 0:
+                extra = {"train_seconds": start.prior_seconds + elapsed,
+                         "total_seconds": start.prior_total + time.perf_counter() - self.t0}
+                if stopped:
                     extra.update(epoch_batches=done, stopped_early=True)
-                last_ckpt = backend.save(run_dir, epoch=epoch + (0 if stopped_early else 1),
-                                         extra=extra)
-            if stopped_early or over_budget:
-                stopped_early = stopped_early or not finished
-                if stopped_early:
-                    log(f"stopping: train.max_minutes ({t.max_minutes}) reached")
+                last = backend.save(self.run_dir, epoch=record["epoch"], extra=extra)
+            if stopped or over_budget:
+                stopped = stopped or not finished
+                if stopped:
+                    self.log(f"stopping: train.max_minutes ({t.max_minutes}) reached")
                 break
-        bar.close()
-        train_seconds = prior_seconds + (time.perf_counter() - t_train)
+        return val, last, step, stopped, start.prior_seconds + (time.perf_counter() - t_train)
 
-        test = evaluate(backend, splits.test, eval_bs)
-        if val is None:  # nothing left to train (resumed a finished run)
-            val = evaluate(backend, splits.val, eval_bs)
-        info = backend.info()
-        result = {
-            "run_dir": str(run_dir),
-            "test_accuracy": test["accuracy"],
-            "test_loss": test["loss"],
-            "val_accuracy": val["accuracy"],
-            "prefix_accuracy": test["prefix_accuracy"],
-            "train_seconds": round(train_seconds, 3),
-            "total_seconds": round(prior_total + time.perf_counter() - t_start, 3),
-            "params": info["params"],
+    def _result(self, info: dict, test: dict, val: dict, last: Path | None, step: int, stopped: bool,
+                train_seconds: float) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "run_dir": str(self.run_dir), "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+            "val_accuracy": val["accuracy"], "prefix_accuracy": test["prefix_accuracy"],
+            "train_seconds": round(train_seconds, 3), "params": info["params"],
             "workers": info["workers"],
             "worker_nodes": info.get("nodes", []),  # Ray node id of each worker ([] in-process)
-            "transport": info["transport"],
-            "kind": cfg.model.kind,
-            "mode": t.mode,
-            "dataset": cfg.data.name,
-            "epochs": read_manifest(last_ckpt)["epoch"] if last_ckpt is not None else 0,
-            "steps": step,
-            "stopped_early": stopped_early,
-            "checkpoint": str(last_ckpt) if last_ckpt is not None else None,
-            "failures": 0, "restarts": [], "storage": str(run_dir), "phases": [],
+            "transport": info["transport"], "kind": cfg.model.kind, "mode": cfg.train.mode,
+            "dataset": cfg.data.name, "epochs": read_manifest(last)["epoch"] if last is not None else 0,
+            "steps": step, "stopped_early": stopped, "checkpoint": str(last) if last is not None else None,
+            "failures": 0, "restarts": [], "storage": str(self.run_dir), "phases": [],
             "trainer": "local" if cfg.parallel.workers < 1 else "layerpar Engine (driver-fed)",
         }
-        (run_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
-        return result
-    finally:
-        if bar is not None:
-            bar.close()
-        if backend is not None:
-            backend.shutdown()  # always: a Ray engine holds actors and a placement group
 
 
 # ----------------------------------------------------------------------------- command line

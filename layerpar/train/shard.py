@@ -54,7 +54,7 @@ class BranchShard:
 
     # ------------------------------------------------------------------ compute
 
-    def _input(self, x) -> torch.Tensor:
+    def on_device(self, x) -> torch.Tensor:
         return torch.as_tensor(x).to(self.device, non_blocking=True)
 
     @torch.no_grad()
@@ -65,7 +65,7 @@ class BranchShard:
         self.calls["infer" if reduce else "partial"] += 1
         self.model.eval()
         t0 = time.perf_counter()
-        x0 = self.model.embed(self._input(x))  # (B, T, D)
+        x0 = self.model.embed(self.on_device(x))  # (B, T, D)
         t1 = time.perf_counter()
         rows = self.model.branch_outputs(x0, self.model.prefix_ids(num_branches))  # (K_w, B, D)
         t2 = time.perf_counter()
@@ -87,14 +87,14 @@ class BranchShard:
         """Pooled output of every owned branch (K, B, D), for evaluating all prefix models at once."""
         self.calls["branch_outputs"] += 1
         self.model.eval()
-        x0 = self.model.embed(self._input(x))
+        x0 = self.model.embed(self.on_device(x))
         return self.model.branch_outputs(x0, self.model.branch_ids).cpu()
 
     def train_step(self, x, y) -> dict:
         self.calls["train_step"] += 1
         self.model.train()
         out = train_step(self.model, self.opt, self.comms[self.layout.num_workers],
-                         self._input(x), self._input(y), cfg=self.cfg, step=self.step,
+                         self.on_device(x), self.on_device(y), cfg=self.cfg, step=self.step,
                          total_steps=self.total_steps)
         self.step = out["step"]
         return out

@@ -28,7 +28,7 @@ from layerpar.data.augment import augment
 from layerpar.model.paraformer import prefix_sums
 from layerpar.parallel.affinity import pin_rank
 from layerpar.train.checkpoint import load_checkpoint, step_dir_name
-from layerpar.train.evaluate import evaluate
+from layerpar.train.evaluate import epoch_record, evaluate
 from layerpar.train.shard import BranchShard
 from layerpar.train.shard_checkpoint import clean_staging, save_sharded
 from layerpar.train.step import prefix_plan
@@ -69,7 +69,7 @@ class ShardEval:
     def prefix_logits(self, x: torch.Tensor) -> torch.Tensor:
         model = self.shard.model
         model.eval()
-        x0 = model.embed(self.shard._input(x))
+        x0 = model.embed(self.shard.on_device(x))
         rows = self.comm.all_branch_rows(model.branch_outputs(x0, model.branch_ids))  # (N, B, D)
         return model.head(prefix_sums(rows)).cpu()
 
@@ -233,14 +233,9 @@ class _Run:
         stopped, self.skip = done < self.bpe, 0
         self.val = val = evaluate(self.evaluator, self.splits.val, self.eval_bs)
         elapsed = time.perf_counter() - self.t_train
-        record = {"epoch": epoch + (0 if stopped else 1), "step": self.shard.step,
-                  "train_loss": sum(losses) / len(losses) if losses else None,
-                  "val_accuracy": val["accuracy"], "val_loss": val["loss"],
-                  "val_prefix_accuracy": val["prefix_accuracy"], "lr": lr,
-                  "seconds": round(time.perf_counter() - t_epoch, 3),
-                  "train_seconds": round(self.prior + elapsed, 3)}
-        if stopped:
-            record["epoch_batches"] = done
+        record = epoch_record(epoch=epoch, step=self.shard.step, losses=losses, val=val, lr=lr,
+                              seconds=time.perf_counter() - t_epoch, done=done, stopped=stopped,
+                              train_seconds=self.prior + elapsed)
         return record, stopped, bool(budget_s) and elapsed > budget_s
 
     def save(self, record: dict):

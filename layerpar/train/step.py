@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerpar.model import ParaFormer
-from layerpar.parallel.comm import _sq_norm
+from layerpar.parallel.comm import sq_norm
 from layerpar.train.optim import lr_at, set_lr
 
 
@@ -61,7 +61,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, comm, x: torch.Tens
         # with each rank's squared norm of its own gradients riding along
         embed = list(model.embed.parameters()) if isinstance(model, ParaFormer) else []
         owned_sq = comm.sum_replicated_grads_and_owned_sq(embed, [p.grad for p in owned])
-        rep_sq = _sq_norm([p.grad for p in replicated if p.grad is not None])
+        rep_sq = sq_norm([p.grad for p in replicated if p.grad is not None])
         norm = (owned_sq + rep_sq.to(owned_sq.device)).sqrt()
         if tcfg.grad_clip > 0:
             _clip(owned + [p for p in replicated if p.grad is not None], norm, tcfg.grad_clip)

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from layerpar.config import load_config
 from layerpar.model import ParaFormer
 from layerpar.parallel import process_group
-from layerpar.parallel.comm import LocalComm
+from layerpar.parallel.comm import LocalComm, sq_norm
 from layerpar.train.optim import make_optimizer
 from layerpar.train.shard import BranchShard
 from layerpar.train.step import train_step
@@ -69,10 +69,10 @@ def _grads_worker(rank: int, world: int, port: int, dtype: str, out: str) -> Non
         loss = torch.nn.functional.cross_entropy(model.head(total), y)
         loss.backward()
         if name == "layerpar":
-            comm.sum_replicated_grads(model.embed.parameters())
             own = [p.grad for b in model.branch_ids for p in model.branch(b).parameters()]
+            owned_sq = comm.sum_replicated_grads_and_owned_sq(model.embed.parameters(), own)
             rep = [p.grad for m in (model.embed, model.head) for p in m.parameters()]
-            result["norm"] = comm.global_grad_norm(own, rep).item()
+            result["norm"] = (owned_sq + sq_norm(rep)).sqrt().item()
         result[name] = {k: p.grad.clone() for k, p in model.named_parameters()}
     torch.save(result, f"{out}/rank{rank}.pt")
     process_group.destroy()

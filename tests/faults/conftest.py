@@ -1,4 +1,4 @@
-"""Fixtures of the fault tests: a local Ray instance and the chaos helpers (launch/chaos.py). Every
+"""Fixtures of the fault tests: a local Ray instance and the chaos helpers (layerpar/runtime/chaos.py). Every
 model is a real Para-Former; every fault is a real SIGKILL or a real stall."""
 
 from __future__ import annotations

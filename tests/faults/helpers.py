@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 from pathlib import Path
@@ -19,10 +18,9 @@ TIMEOUT_S = 5.0  # parallel.timeout_s and call_timeout_s here: a hung worker is 
 
 
 def load_chaos():
-    spec = importlib.util.spec_from_file_location("layerpar_chaos", ROOT / "launch" / "chaos.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from layerpar.runtime import chaos
+
+    return chaos
 
 
 def fault_cfg(workers: int = 2, *extra: str, degraded: str = "wait"):

@@ -31,8 +31,8 @@ def hang_bound(engine) -> float:
     """The longest a call may take with a hung worker: its own timeout, then a recovery whose every
     step is bounded (classify by the heartbeat, drain and leave by the timeouts, restart and rejoin by
     startup_timeout_s), as FaultHandling._await_recovery allows. ~90 s here, far below STALL_S."""
-    bound = engine.call_timeout_s + engine.heartbeat_s + engine.startup_timeout_s \
-        + 2 * engine.timeout_s + LEAVE_S
+    g = engine.group
+    bound = g.call_timeout_s + g.heartbeat_s + g.startup_timeout_s + 2 * g.timeout_s + LEAVE_S
     assert 30 <= bound < STALL_S / 2
     return bound
 
@@ -41,7 +41,7 @@ def test_hung_worker_is_restarted_and_the_call_answers(local_ray):
     x = images(4, seed=4)
     with Engine(fault_cfg(2)) as engine:
         healthy = engine.infer(x)
-        ray.get(engine.workers[1].debug_stall.remote(STALL_S))  # rank 1 hangs from its next call
+        ray.get(engine.group.workers[1].debug_stall.remote(STALL_S))  # rank 1 hangs from its next call
         t0 = time.monotonic()
         out = engine.infer(x)
         elapsed = time.monotonic() - t0
@@ -61,7 +61,7 @@ def test_hung_worker_in_a_training_step_raises_then_refuses_clearly(local_ray):
     with Engine(fault_cfg(2), total_steps=10) as engine:
         engine.train_step(x, y)
         pids = engine.worker_pids()
-        ray.get(engine.workers[0].debug_stall.remote(STALL_S))
+        ray.get(engine.group.workers[0].debug_stall.remote(STALL_S))
         t0 = time.monotonic()
         with pytest.raises(WorkerError, match=r"parallel.timeout_s=5s|collective failed"):
             engine.train_step(x, y)

@@ -64,16 +64,16 @@ def test_large_batches_travel_through_shared_memory(local_ray, transport):
         for n in (400, 5000, 400):  # 100 KB, 1.3 MB (a new, larger slot), 100 KB (a free slot)
             x, _ = batch(n, seed=n)
             torch.testing.assert_close(engine.infer(x), reference(x), atol=1e-5, rtol=0)
-            assert engine._transport.lane._fast is not None  # same node: the socket fast path answered
+            assert engine.transport.fast_path_running  # same node: the socket fast path answered
             torch.testing.assert_close(engine.prefix_logits(x)[2], reference(x, 3), atol=1e-5, rtol=0)
-            assert engine._transport.lane._fast is None  # ended: branch_outputs needs the default threads
-        paths = [slot.path for slot in engine._transport.slots._all]
+            assert not engine.transport.fast_path_running  # ended: branch_outputs needs the default threads
+        paths = engine.transport.slot_paths()
         assert len(paths) == 2 and all(p.exists() for p in paths)
     assert not any(p.exists() for p in paths)
     with Engine(make_cfg(2, "parallel.shared_memory=false")) as engine, torch.no_grad():
         x, _ = batch(400)
         torch.testing.assert_close(engine.infer(x), reference(x), atol=1e-5, rtol=0)
-        assert engine._transport.slots is None and engine._transport.lane._fast is None  # all via Ray
+        assert engine.transport.slot_paths() == [] and not engine.transport.fast_path_running  # all via Ray
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -45,16 +45,16 @@ def kill(pid: int) -> float:
 def hold_restarts(engine) -> threading.Event:
     """Make the engine's recovery wait before it re-creates a lost worker, until the returned event
     is set: the window in which the worker is down is then held open by the test, however fast or
-    slow the machine restarts actors. (An instance attribute over Engine._new_worker, which the
+    slow the machine restarts actors. (An instance attribute over WorkerGroup.new_worker, which the
     recovery thread calls per lost rank; the restart itself stays the real one.)"""
     release = threading.Event()
-    new_worker = engine._new_worker
+    new_worker = engine.group.new_worker
 
     def held(rank: int):
         release.wait(TIME_LIMIT_S)
         return new_worker(rank)
 
-    engine._new_worker = held
+    engine.group.new_worker = held
     return release
 
 
