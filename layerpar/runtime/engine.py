@@ -23,8 +23,9 @@ by the call that needed it; a background recovery (runtime/faults.py) restarts i
 restores its weights from the engine's object-store snapshot and re-forms the group, and idempotent
 calls (infer, prefix_logits, state reads) are retried. serve.degraded=wait blocks calls until then;
 serve.degraded=allow answers infer_with_meta from the surviving branches meanwhile, marked degraded.
-A training step is not retried: it raises WorkerError and the run restarts from its last checkpoint
-(layerpar.runtime.restart).
+A training step is not retried: it raises WorkerError, and the caller restarts from its last
+checkpoint (training runs train under Ray Train, which restarts its own worker group: train/raytrain.py;
+Engine.train_step stays for the tests whose engine's weights must move).
 """
 
 from __future__ import annotations

@@ -108,17 +108,13 @@ class _Start:
 
 
 def run_training(cfg, run_dir: str | Path | None = None, *, resume: str | Path | None = None,
-                 progress: bool = True, callbacks: list | None = None,
-                 backend_factory=None) -> dict[str, Any]:
+                 progress: bool = True, callbacks: list | None = None) -> dict[str, Any]:
     """Train (or resume) one run and evaluate it on the test split; returns the result dict that
     launch/train.py prints. `resume` is a checkpoint or run dir to start from; without it, a run dir
     that already holds a checkpoint resumes from its latest.
 
     parallel.workers >= 1 runs under Ray Train (raytrain.fit; `callbacks` are its UserCallbacks, e.g.
-    Tune's); 0 trains a LocalBackend in this process. `backend_factory(cfg, total_steps=...,
-    checkpoint=...)` instead makes the backend this loop drives step by step: runtime/restart.py
-    passes the runtime Engine (the old driver-fed path, kept for the tests that need an Engine
-    whose weights move)."""
+    Tune's); 0 trains a LocalBackend in this process."""
     t_start = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
     splits = load_dataset(cfg)  # data errors surface before anything is written
@@ -132,7 +128,7 @@ def run_training(cfg, run_dir: str | Path | None = None, *, resume: str | Path |
     log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else (lambda msg: None)
     if start.checkpoint is not None:
         log(f"resuming from {start.checkpoint} (epoch {start.epoch}, +{start.skip} batches)")
-    if cfg.parallel.workers >= 1 and backend_factory is None:  # every rank runs the loop, under Ray Train
+    if cfg.parallel.workers >= 1:  # every rank runs the loop, under Ray Train
         from layerpar.train.raytrain import fit
 
         out = fit(cfg, run_dir, start_from=start.checkpoint, bpe=bpe,
@@ -141,14 +137,14 @@ def run_training(cfg, run_dir: str | Path | None = None, *, resume: str | Path |
                   "dataset": cfg.data.name}
     else:
         run = _DrivenRun(cfg, run_dir, splits, start, bpe, log, progress, t_start=t_start)
-        result = run.run(backend_factory or LocalBackend)
+        result = run.run(LocalBackend)
     result["total_seconds"] = round(start.prior_total + time.perf_counter() - t_start, 3)  # >= train
     (run_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
 class _DrivenRun:
-    """The loop in this process, one backend.train_step per batch (LocalBackend, or the Engine)."""
+    """The loop in this process (parallel.workers = 0), one backend.train_step per batch."""
 
     def __init__(self, cfg, run_dir: Path, splits, start: _Start, bpe: int, log, progress: bool, *,
                  t_start: float):
@@ -230,7 +226,7 @@ class _DrivenRun:
             "dataset": cfg.data.name, "epochs": read_manifest(last)["epoch"] if last is not None else 0,
             "steps": step, "stopped_early": stopped, "checkpoint": str(last) if last is not None else None,
             "failures": 0, "restarts": [], "storage": str(self.run_dir), "phases": [],
-            "trainer": "local" if cfg.parallel.workers < 1 else "layerpar Engine (driver-fed)",
+            "trainer": "local",
         }
 
 

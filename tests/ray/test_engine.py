@@ -76,9 +76,11 @@ def test_large_batches_travel_through_shared_memory(local_ray, transport):
         assert engine.transport.slot_paths() == [] and not engine.transport.fast_path_running  # all via Ray
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", ["joint", "progressive"])
-@pytest.mark.parametrize("workers", [1, 2, 3])
+# float64 (the algebra) at every size and mode; float32 (the tolerance) on the largest group, as in the
+# gloo and Ray Train tiers
+@pytest.mark.parametrize(("workers", "mode", "dtype"),
+                         [(w, m, "float64") for w in (1, 2, 3) for m in ("joint", "progressive")]
+                         + [(3, m, "float32") for m in ("joint", "progressive")])
 def test_training_matches_single_process(local_ray, workers, mode, dtype):
     cfg = make_cfg(workers, f"train.mode={mode}", dtype=dtype)
     total = 40
