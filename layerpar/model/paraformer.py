@@ -23,11 +23,12 @@ from layerpar.model.layers import Head, PatchEmbed, pool, seeded, torch_dtype
 EMBED_TAG, HEAD_TAG, BRANCH_TAG = 1, 2, 3
 
 
-def ordered_sum(outputs: torch.Tensor) -> torch.Tensor:
+def ordered_sum(outputs: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     """(K, B, D) -> (B, D), added one branch at a time in branch order. Every place that sums branch
-    outputs (one process, a worker group, the driver) uses this, so they agree bit for bit."""
+    outputs (one process, a worker group, the driver) uses this, so they agree bit for bit; a list
+    of equal-shaped tensors is added in its order the same way (parallel/comm.py: a sum over ranks)."""
     total = outputs[0]
-    for k in range(1, outputs.shape[0]):
+    for k in range(1, len(outputs)):
         total = total + outputs[k]
     return total
 

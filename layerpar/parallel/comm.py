@@ -199,7 +199,6 @@ class GroupComm:
         return bool(_sum_over_ranks(t, self.group).item() > 0)
 
 
-
 GATHER_SUM_MAX = 1 << 20  # elements gathered in all (size x ranks) below which gloo sums by gathering
 
 
@@ -216,10 +215,7 @@ def _sum_over_ranks(flat: torch.Tensor, group) -> torch.Tensor:
         return flat
     parts = [torch.empty_like(flat) for _ in range(world)]
     _run(dist.all_gather, parts, flat, group=group)
-    total = parts[0]
-    for part in parts[1:]:
-        total = total + part
-    return total
+    return ordered_sum(parts)  # rank order: the same bits on every rank
 
 
 def _device() -> torch.device:

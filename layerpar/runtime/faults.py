@@ -37,7 +37,7 @@ from pathlib import Path
 import ray
 
 from layerpar.runtime.errors import WorkerError
-from layerpar.runtime.group import WorkerGroup
+from layerpar.runtime.group import WorkerGroup, kill
 from layerpar.runtime.recovery import LEAVE_S, Recovery, RecoveryError, Restore, classify, leave_group
 
 log = logging.getLogger("layerpar.runtime")
@@ -192,9 +192,8 @@ class Faults:
             rec.finish()
             log.warning("recovered in %.2fs: restarted workers %s", rec.seconds, lost)
         except BaseException as exc:  # noqa: BLE001 - reported to whoever waits on the recovery
-            for w in fresh.values():
-                with contextlib.suppress(Exception):
-                    ray.kill(w, no_restart=True)
+            for w in fresh.values():  # restarted but never installed
+                kill(w)
             rec.finish(exc)
         finally:
             self.records.append(rec.record())
