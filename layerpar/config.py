@@ -150,6 +150,9 @@ class TrainConfig:
 class ParallelConfig:
     workers: int = 0
     """Branch workers W (Ray actors); 0 trains and infers in this process."""
+    replicas: int = 1
+    """Replica groups R for serving: R independent groups of W workers each (R x W bundles), each
+    answering whole batches; the server sends each batch to an idle, healthy replica."""
     transport: str = "collective"
     """`collective` (torch.distributed inside the worker group) or `object_store` (Ray reduces)."""
     placement: str = "PACK"
@@ -194,8 +197,14 @@ class ServeConfig:
     """Address the metrics endpoint binds; loopback unless told otherwise (independent of host)."""
     max_batch: int = 64
     """Largest merged batch one engine call runs."""
-    max_wait_ms: float = 5.0
-    """How long the batcher waits for more requests before running a batch."""
+    max_wait_ms: float = 0.0
+    """Longest an idle replica waits for more requests to fill a batch. 0 (the default): dispatch on
+    idle: an idle replica takes whatever is queued at once; while every replica is busy, requests
+    accumulate up to max_batch. A bound, never a fixed delay: a full batch goes at once."""
+    latency_slo_ms: float = 0.0
+    """Latency target per request (0: off). When the full model would miss it (queueing plus compute,
+    estimated from the server's recent calls), the answer comes from the largest prefix of branches
+    that meets it; the reply's branches_used says which. A request's min_branches is always honoured."""
     max_queue: int = 256
     """Requests waiting beyond this are refused with RESOURCE_EXHAUSTED."""
     max_request_rows: int = 256

@@ -9,7 +9,7 @@ import typing
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the tree imports these rules, not the other way round
-    from layerpar.config import Config
+    from layerpar.config import Config, DataConfig, ModelConfig, ParallelConfig, ServeConfig, TrainConfig
 
 
 class ConfigError(ValueError):
@@ -71,8 +71,17 @@ def _at_least(name: str, value: float, low: float) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Raise ConfigError for impossible combinations; the message names the field and the fix."""
-    m, d, t, p, s = cfg.model, cfg.data, cfg.train, cfg.parallel, cfg.serve
+    """Raise ConfigError for impossible combinations; the message names the field and the fix.
+    The sections are checked in order (model, data, train, parallel, serve): the first bad field
+    of the earliest section is the one reported."""
+    _validate_model(cfg.model)
+    _validate_data(cfg.data)
+    _validate_train(cfg.train, cfg.model)
+    _validate_parallel(cfg.parallel, cfg.model)
+    _validate_serve(cfg.serve)
+
+
+def _validate_model(m: ModelConfig) -> None:
     _one_of("model.kind", m.kind, MODEL_KINDS)
     _one_of("model.style", m.style, BLOCK_STYLES)
     _one_of("model.pool", m.pool, POOLS)
@@ -90,12 +99,18 @@ def validate(cfg: Config) -> None:
         )
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout ({m.dropout}) must be in [0, 1)")
+
+
+def _validate_data(d: DataConfig) -> None:
     _one_of("data.name", d.name, DATASETS)
     _one_of("data.augment", d.augment, AUGMENTS)
     if not 0.0 <= d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction ({d.val_fraction}) must be in [0, 1)")
     _at_least("data.synthetic_size", d.synthetic_size, 10)
     _at_least("data.limit_train", d.limit_train, 0)
+
+
+def _validate_train(t: TrainConfig, m: ModelConfig) -> None:
     _one_of("train.mode", t.mode, TRAIN_MODES)
     _at_least("train.epochs", t.epochs, 1)
     _at_least("train.batch_size", t.batch_size, 1)
@@ -115,6 +130,9 @@ def validate(cfg: Config) -> None:
         )
     _at_least("train.checkpoint_every", t.checkpoint_every, 1)
     _at_least("train.keep_checkpoints", t.keep_checkpoints, 1)
+
+
+def _validate_parallel(p: ParallelConfig, m: ModelConfig) -> None:
     _at_least("parallel.workers", p.workers, 0)
     if p.workers > m.num_branches:
         raise ConfigError(
@@ -123,6 +141,10 @@ def validate(cfg: Config) -> None:
         )
     if p.workers and m.kind != "paraformer":
         raise ConfigError(f"parallel.workers ({p.workers}) needs model.kind 'paraformer', got {m.kind!r}")
+    _at_least("parallel.replicas", p.replicas, 1)
+    if p.replicas > 1 and p.workers < 1:
+        raise ConfigError(f"parallel.replicas ({p.replicas}) needs parallel.workers >= 1: each replica "
+                          "group is W Ray branch workers")
     _one_of("parallel.transport", p.transport, TRANSPORTS)
     _one_of("parallel.placement", p.placement, PLACEMENTS)
     _at_least("parallel.cpus_per_worker", p.cpus_per_worker, 0)
@@ -133,6 +155,9 @@ def validate(cfg: Config) -> None:
     for name in ("call_timeout_s", "heartbeat_s"):
         if getattr(p, name) <= 0:
             raise ConfigError(f"parallel.{name} ({getattr(p, name)!r}) must be > 0")
+
+
+def _validate_serve(s: ServeConfig) -> None:
     if not 0 <= s.port <= 65535:
         raise ConfigError(f"serve.port ({s.port}) must be in 0..65535")
     if not -1 <= s.metrics_port <= 65535:
@@ -140,6 +165,7 @@ def validate(cfg: Config) -> None:
     for name in ("max_batch", "max_queue", "max_request_rows", "max_message_bytes"):
         _at_least(f"serve.{name}", getattr(s, name), 1)
     _at_least("serve.max_wait_ms", s.max_wait_ms, 0)
+    _at_least("serve.latency_slo_ms", s.latency_slo_ms, 0)
     _one_of("serve.degraded", s.degraded, DEGRADED)
     _one_of("serve.health_auth", s.health_auth, HEALTH_AUTH)
     _at_least("serve.retries", s.retries, 0)

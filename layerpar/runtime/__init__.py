@@ -1,11 +1,13 @@
-"""Ray: placement groups, the branch-worker actor, and the engine that drives the workers.
+"""Ray: placement groups, the branch-worker actor, the engine that drives the workers, and replica
+groups of engines (ReplicaSet).
 
 `from layerpar.runtime import Engine` imports Ray; `layerpar.runtime.backend` (the Backend protocol,
 make_backend) does not, until a backend with workers is made.
 """
 
 _LAZY = {"ClusterError": "layerpar.parallel.cluster", "Engine": "layerpar.runtime.engine",
-         "WorkerError": "layerpar.runtime.errors", "PlacementError": "layerpar.runtime.placement"}
+         "WorkerError": "layerpar.runtime.errors", "PlacementError": "layerpar.runtime.placement",
+         "ReplicaSet": "layerpar.runtime.replicas"}
 
 __all__ = sorted(_LAZY)
 

@@ -1,6 +1,7 @@
 """The Backend protocol: what the server, the evaluator, the training loop and the CLI ask of a model,
 whether it runs in this process (layerpar.train.local.LocalBackend) or across Ray branch workers
-(layerpar.runtime.Engine). Both implement it; `make_backend` picks one from the config.
+(layerpar.runtime.Engine), or across several groups of them (layerpar.runtime.replicas.ReplicaSet). All
+implement it; `make_backend` picks one from the config.
 
     with make_backend(cfg) as backend:                 # LocalBackend when parallel.workers == 0
         logits = backend.infer(x)                      # (B, classes)
@@ -45,7 +46,12 @@ class Backend(Protocol):
 
 
 def make_backend(cfg, total_steps: int = 0, checkpoint: str | Path | None = None) -> Backend:
-    """Engine (Ray branch workers) when cfg.parallel.workers >= 1, else a LocalBackend."""
+    """Engine (Ray branch workers) when cfg.parallel.workers >= 1, a ReplicaSet of such engines when
+    cfg.parallel.replicas > 1 too, else a LocalBackend."""
+    if cfg.parallel.workers >= 1 and cfg.parallel.replicas > 1:
+        from layerpar.runtime.replicas import ReplicaSet
+
+        return ReplicaSet(cfg, total_steps=total_steps, checkpoint=checkpoint)
     if cfg.parallel.workers >= 1:
         from layerpar.runtime.engine import Engine  # Ray is imported only when workers are asked for
 

@@ -40,7 +40,7 @@ from layerpar.model.overflow import check_finite_logits
 from layerpar.model.paraformer import ordered_sum, prefix_sums
 from layerpar.parallel.cluster import ClusterError, connect
 from layerpar.runtime.degraded import HeadCopy, degraded_answer
-from layerpar.runtime.errors import WorkerError
+from layerpar.runtime.errors import Recovering, WorkerError
 from layerpar.runtime.faults import Faults
 from layerpar.runtime.group import WorkerGroup
 from layerpar.runtime.inputs import check_input, prefix_size
@@ -51,8 +51,14 @@ from layerpar.runtime.worker import as_tensor
 __all__ = ["ClusterError", "Engine", "WorkerError", "connect"]
 
 
+def _not_waiting(rec) -> None:
+    raise Recovering(f"the engine is recovering ({rec.reason}); not waiting for it")
+
+
 class Engine:
-    def __init__(self, cfg: Config, *, total_steps: int = 0, checkpoint: str | None = None):
+    def __init__(self, cfg: Config, *, total_steps: int = 0, checkpoint: str | None = None,
+                 node_ip: str | None = None):
+        """node_ip: place every worker on that node (a replica set spreading its groups)."""
         if cfg.parallel.workers < 1:
             raise ValueError("Engine needs parallel.workers >= 1; use LocalBackend for a single process")
         if cfg.model.kind != "paraformer":
@@ -64,7 +70,7 @@ class Engine:
         self._owns_ray = connect(cfg)
         self.group = None
         try:
-            self.group = WorkerGroup(cfg, total_steps=total_steps)
+            self.group = WorkerGroup(cfg, total_steps=total_steps, node_ip=node_ip)
             self.layout, self.transport = self.group.layout, self.group.transport
             self.faults, self.head = Faults(self.group), HeadCopy(cfg)
             self.group.start()
@@ -108,11 +114,12 @@ class Engine:
         computed, for callers that refuse per row (the server, per merged request)."""
         return check_finite_logits(self.infer_with_meta(x, num_branches)[0])
 
-    def infer_with_meta(self, x: torch.Tensor, num_branches: int | None = None
+    def infer_with_meta(self, x: torch.Tensor, num_branches: int | None = None, *, wait: bool = True
                         ) -> tuple[torch.Tensor, dict]:
         """(logits, {"degraded": bool, "branches_used": [...]}). While a lost worker is being
         recovered, serve.degraded=wait waits for it; serve.degraded=allow answers at once from the
-        surviving workers' branches (head of their sum, in branch order), marked degraded."""
+        surviving workers' branches (head of their sum, in branch order), marked degraded.
+        wait=False (a replica set's call): raise Recovering instead of waiting or degrading."""
         x, k = check_input(self.cfg.model, x), prefix_size(self.cfg.model, num_branches)
         t0 = time.perf_counter()
         # one copy for every worker, and for every retry
@@ -129,7 +136,8 @@ class Engine:
                 logits = self._infer(workers, ref, x, k, broadcast_s)
                 return logits, {"degraded": False, "branches_used": list(range(k))}
 
-            return self.faults.run(call, fallback=degraded if self.allow_degraded else None)
+            fallback = degraded if self.allow_degraded else None
+            return self.faults.run(call, fallback=fallback if wait else _not_waiting)
 
     def _infer(self, workers: list, ref, x: torch.Tensor, k: int, broadcast_s: float) -> torch.Tensor:
         f, g = self.faults, self.group
@@ -161,6 +169,16 @@ class Engine:
         self.last_bytes = {"broadcast": x.numel() * 4, "reduce": r * self.layout.max_owned * row_bytes,
                            "result": logits.numel() * 4}
         return logits
+
+    @property
+    def available(self) -> bool:
+        """No recovery runs: a call now goes straight to the workers."""
+        return self.faults.available
+
+    def prefix_work(self, k: int | None) -> int:
+        """Branches the busiest worker runs for the prefix model of k branches (a cost unit)."""
+        k = self.cfg.model.num_branches if k is None else k
+        return max(len([b for b in self.layout.owned(r) if b < k]) for r in range(self.layout.num_workers))
 
     def head_module(self) -> torch.nn.Module:
         """The driver's copy of the (replicated, small) head, fetched from rank 0 when stale."""

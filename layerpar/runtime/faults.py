@@ -67,6 +67,11 @@ class Faults:
         rec = self._recovery
         return rec if rec is not None and rec.active else None
 
+    @property
+    def available(self) -> bool:
+        """No recovery runs and no failure waits for one: a call would go straight to the workers."""
+        return self.recovering is None and self._broken is None and not self._closed
+
     # ------------------------------------------------------------------ calls
 
     def run(self, call: Callable[[list], object], *, retry: bool = True,

@@ -19,9 +19,12 @@ def worker_bundle(pcfg) -> dict[str, float]:
     return bundle
 
 
-def place_workers(pcfg) -> PlacementGroup:
-    """Reserve one bundle per worker; raise PlacementError within parallel.placement_timeout_s."""
+def place_workers(pcfg, node_ip: str | None = None) -> PlacementGroup:
+    """Reserve one bundle per worker; raise PlacementError within parallel.placement_timeout_s.
+    node_ip: every bundle on that node (a replica group sent to its own node)."""
     bundle = worker_bundle(pcfg)
+    if node_ip is not None:
+        bundle[f"node:{node_ip}"] = 0.001  # every Ray node has this resource: a pin, not a reservation
     pg = placement_group([dict(bundle) for _ in range(pcfg.workers)], strategy=pcfg.placement)
     ready, _ = ray.wait([pg.ready()], timeout=pcfg.placement_timeout_s)
     if not ready:
@@ -48,3 +51,17 @@ def release(pg: PlacementGroup | None) -> None:
             remove_placement_group(pg)
         except Exception:  # noqa: BLE001 - the cluster may already be gone at teardown
             pass
+
+
+def replica_nodes(pcfg, replicas: int) -> list[str | None]:
+    """The node each replica group is pinned to: groups spread over the alive nodes that can hold a
+    whole group, when there are several and the group itself packs on one node (PACK, STRICT_PACK);
+    else None (each group placed by parallel.placement alone)."""
+    if replicas < 2 or pcfg.placement not in ("PACK", "STRICT_PACK"):
+        return [None] * replicas
+    need = {k: v * pcfg.workers for k, v in worker_bundle(pcfg).items()}
+    fits = sorted({n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")
+                   and all(n.get("Resources", {}).get(k, 0.0) >= v for k, v in need.items())})
+    if len(fits) < 2:  # one machine (fake multi-node clusters share one address too)
+        return [None] * replicas
+    return [fits[r % len(fits)] for r in range(replicas)]

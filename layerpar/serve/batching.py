@@ -1,13 +1,18 @@
 """Dynamic batching: merge requests that arrive close together into one engine call, split back.
 
-    batcher = Batcher(compute, max_batch=64, max_wait_ms=5, max_queue=256)
+    batcher = Batcher(compute, max_batch=64, max_wait_ms=0, max_queue=256, slots=2)
     future = batcher.submit(x, num_branches=None, deadline=time.monotonic() + 1.0)  # x: (B, C, H, W)
-    out = future.result()                                   # out.scores: exactly this caller's B rows
+    out = future.result()                                   # out.logits: exactly this caller's B rows
 
-One thread owns the engine: it takes the oldest waiting request, waits up to ``max_wait_ms`` (from that
-request's arrival) for more requests with the same ``num_branches`` (a prefix model is a different
-computation, so only equal keys merge), concatenates up to ``max_batch`` rows, runs ``compute`` once and
-hands each caller its slice. The queue is bounded: beyond ``max_queue`` waiting requests ``submit`` raises
+`slots` threads (one per replica group the backend can run at once) each take the oldest waiting
+request together with every queued request of the same `num_branches` (a prefix model is a different
+computation, so only equal keys merge), up to ``max_batch`` rows, run ``compute`` once and hand each
+caller its slice. Dispatch on idle: a free thread takes whatever is queued at once; while every thread
+is busy, requests accumulate, which is where batches come from. ``max_wait_ms`` (default 0) lets a
+free thread wait that long after the oldest request's arrival for a fuller batch; a full batch goes at
+once. With a LatencyPlanner (serve.latency_slo_ms) a batch of requests that asked for no particular
+prefix gets the largest prefix that meets the target (serve/slo.py), never fewer branches than a
+request's min_branches. The queue is bounded: beyond ``max_queue`` waiting requests ``submit`` raises
 ``QueueFull`` at once. A request whose deadline has passed, or whose caller went away, is dropped before
 it is computed.
 """
@@ -23,6 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from layerpar.serve.slo import LatencyPlanner
 
 # compute(x (R, C, H, W), num_branches) -> (logits (R, classes) float32 numpy, meta dict)
 Compute = Callable[[torch.Tensor, int | None], tuple[np.ndarray, dict]]
@@ -43,9 +50,10 @@ class DeadlineExpired(Exception):
 @dataclass
 class Pending:
     x: np.ndarray  # (B, C, H, W) float32
-    key: int | None  # num_branches; None = all
+    key: int | None  # num_branches; None = all (or, under a latency target, the planner's choice)
     deadline: float | None  # time.monotonic() seconds
     enqueued: float
+    least: int = 0  # min_branches: the fewest a latency target may answer with
     future: Future = field(default_factory=Future)
 
     @property
@@ -65,13 +73,16 @@ class BatchOutput:
     queue_s: float  # time from submit to the start of the engine call
     batch_rows: int  # rows in the merged engine call
     batch_requests: int  # requests merged into it
+    num_branches: int | None = None  # the prefix that answered (None: all branches)
 
 
 class Batcher:
     def __init__(self, compute: Compute, *, max_batch: int, max_wait_ms: float, max_queue: int,
+                 slots: int = 1, planner: LatencyPlanner | None = None,
                  on_batch: Callable[[int, int], None] | None = None,
                  on_expired: Callable[[int], None] | None = None):
         self.compute = compute
+        self.planner = planner
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
@@ -85,16 +96,19 @@ class Batcher:
         self.rows_computed = 0
         self.requests_computed = 0
         self.expired = 0
-        self._thread = threading.Thread(target=self._loop, name="layerpar-batcher", daemon=True)
-        self._thread.start()
+        self.slots = max(1, slots)
+        self._threads = [threading.Thread(target=self._loop, name=f"layerpar-batcher-{i}", daemon=True)
+                         for i in range(self.slots)]
+        for t in self._threads:
+            t.start()
 
     # ------------------------------------------------------------------ callers (any thread)
 
     def submit(self, x: np.ndarray, num_branches: int | None = None,
-               deadline: float | None = None) -> Future:
+               deadline: float | None = None, min_branches: int = 0) -> Future:
         """Queue one request; the future resolves to a BatchOutput or raises DeadlineExpired or the
         engine's exception. Raises QueueFull or Draining at once instead of queueing."""
-        p = Pending(x=x, key=num_branches, deadline=deadline, enqueued=time.monotonic())
+        p = Pending(x=x, key=num_branches, deadline=deadline, enqueued=time.monotonic(), least=min_branches)
         with self._cond:
             if self._closing:
                 raise Draining("the server is draining and takes no new requests")
@@ -112,12 +126,14 @@ class Batcher:
         return len(self._queue)
 
     def close(self, timeout_s: float | None = None) -> bool:
-        """Stop taking requests, finish every queued one, stop the thread; True if it finished in time."""
+        """Stop taking requests, finish every queued one, stop the threads; True if they finished in time."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        self._thread.join(timeout_s)
-        return not self._thread.is_alive()
+        end = None if timeout_s is None else time.monotonic() + timeout_s
+        for t in self._threads:
+            t.join(None if end is None else max(0.0, end - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
 
     # ------------------------------------------------------------------ the engine thread
 
@@ -137,8 +153,9 @@ class Batcher:
             if self.on_expired:
                 self.on_expired(expired)
 
-    def _take(self) -> list[Pending] | None:
-        """Block until a batch is due; return it (None when closing with an empty queue)."""
+    def _take(self) -> tuple[list[Pending], int | None] | None:
+        """Block until a batch is due; return it and the prefix to run (None when closing with an
+        empty queue)."""
         with self._cond:
             while True:
                 now = time.monotonic()
@@ -167,32 +184,53 @@ class Batcher:
                     full = full or p.key == head.key
                     rest.append(p)
             self._queue = rest
+            key = self._prefix(batch, total, now) if head.key is None and self.planner else head.key
         # From here on a caller can no longer cancel: the request will be computed and answered.
-        return [p for p in batch if p.future.set_running_or_notify_cancel()]
+        return [p for p in batch if p.future.set_running_or_notify_cancel()], key
+
+    def _prefix(self, batch: list[Pending], rows: int, now: float) -> int | None:
+        """The latency target's prefix for a batch of requests that asked for none (None: all)."""
+        plan, behind, open_rows, open_due = self.planner, [], 0, None
+        for p in self._queue:  # the batches queued behind this one: (oldest deadline, rows)
+            if p.key is not None:
+                continue
+            if open_rows and open_rows + p.rows > self.max_batch:
+                behind.append((open_due, open_rows))
+                open_rows, open_due = 0, None
+            open_rows += p.rows
+            open_due = open_due or p.enqueued + plan.slo_s
+        if open_rows:
+            behind.append((open_due, open_rows))
+        k = plan.choose(now=now, deadline=batch[0].enqueued + plan.slo_s, rows=rows,
+                        least=max(p.least for p in batch), behind=behind, slots=self.slots)
+        return None if k >= plan.n else k
 
     def _loop(self) -> None:
-        while (batch := self._take()) is not None:
-            if batch:
-                self._run(batch)
+        while (taken := self._take()) is not None:
+            if taken[0]:
+                self._run(*taken)
 
-    def _run(self, batch: list[Pending]) -> None:
+    def _run(self, batch: list[Pending], key: int | None) -> None:
         start = time.monotonic()
         x = torch.from_numpy(np.concatenate([p.x for p in batch]))  # (R, C, H, W)
-        rows, key = x.shape[0], batch[0].key
+        rows = x.shape[0]
         try:
             logits, meta = self.compute(x, key)  # (R, classes)
         except BaseException as exc:  # noqa: BLE001 - every caller must get an answer
             for p in batch:
                 p.future.set_exception(exc)
             return
-        self.calls += 1
-        self.rows_computed += rows
-        self.requests_computed += len(batch)
+        if self.planner is not None:
+            self.planner.observe(key or self.planner.n, rows, time.monotonic() - start)
+        with self._cond:
+            self.calls += 1
+            self.rows_computed += rows
+            self.requests_computed += len(batch)
         if self.on_batch:
             self.on_batch(rows, len(batch))
         offset = 0
         for p in batch:  # each caller gets exactly its own rows, in the order it sent them
             out = BatchOutput(logits=logits[offset: offset + p.rows], meta=meta, queue_s=start - p.enqueued,
-                              batch_rows=rows, batch_requests=len(batch))
+                              batch_rows=rows, batch_requests=len(batch), num_branches=key)
             offset += p.rows
             p.future.set_result(out)

@@ -51,14 +51,16 @@ def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
-def make_request(x, *, num_branches: int | None = None, top_k: int = 0,
-                 probabilities: bool = False) -> pb.PredictRequest:
+def make_request(x, *, num_branches: int | None = None, top_k: int = 0, probabilities: bool = False,
+                 min_branches: int | None = None) -> pb.PredictRequest:
     if hasattr(x, "detach"):  # a torch tensor
         x = x.detach().cpu().numpy()
     data, shape, dtype = encode_array(np.asarray(x))
     req = pb.PredictRequest(data=data, shape=shape, dtype=dtype, top_k=top_k, probabilities=probabilities)
     if num_branches is not None:
         req.num_branches = num_branches
+    if min_branches is not None:
+        req.min_branches = min_branches
     return req
 
 
@@ -88,8 +90,11 @@ class Client:
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
     def predict(self, x, *, num_branches: int | None = None, top_k: int = 0, probabilities: bool = False,
-                timeout_s: float | None = None) -> Prediction:
-        req = make_request(x, num_branches=num_branches, top_k=top_k, probabilities=probabilities)
+                min_branches: int | None = None, timeout_s: float | None = None) -> Prediction:
+        """min_branches: under a latency target (serve.latency_slo_ms) the fewest branches the answer
+        may come from (the model's num_branches: always the full model)."""
+        req = make_request(x, num_branches=num_branches, top_k=top_k, probabilities=probabilities,
+                           min_branches=min_branches)
         resp = self.stub.Predict(req, timeout=timeout_s or self.timeout_s, metadata=self.metadata)
         return to_prediction(resp)
 

@@ -50,6 +50,7 @@ class Decoded:
     num_branches: int | None  # None = all branches (also when the client asked for all N)
     top_k: int
     probabilities: bool
+    min_branches: int = 0  # the fewest branches a latency target may answer with (0: no demand)
 
     @property
     def rows(self) -> int:
@@ -103,9 +104,15 @@ def decode_request(req: pb.PredictRequest, spec: InputSpec) -> Decoded:
                              f"models; leave it unset or use {spec.num_branches}")
         if k == spec.num_branches:
             k = None  # the full model: batch it with requests that left num_branches unset
+    least = req.min_branches if req.HasField("min_branches") else 0
+    if req.HasField("min_branches") and not 1 <= least <= spec.num_branches:
+        raise BadRequest(f"min_branches ({least}) must be in 1..{spec.num_branches}")
+    if least and k is not None and k < least:
+        raise BadRequest(f"num_branches ({k}) is below min_branches ({least}); leave one of them unset")
     if req.top_k > spec.num_classes:
         raise BadRequest(f"top_k ({req.top_k}) must be in 0..{spec.num_classes} (the number of classes)")
-    return Decoded(x=x, num_branches=k, top_k=req.top_k, probabilities=req.probabilities)
+    return Decoded(x=x, num_branches=k, top_k=req.top_k, probabilities=req.probabilities,
+                   min_branches=least)
 
 
 def encode_array(x: np.ndarray) -> tuple[bytes, list[int], str]:

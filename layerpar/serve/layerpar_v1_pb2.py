@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n layerpar/serve/layerpar_v1.proto\x12\x0blayerpar.v1\"\x8e\x01\n\x0ePredictRequest\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x19\n\x0cnum_branches\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\x15\n\rprobabilities\x18\x06 \x01(\x08\x42\x0f\n\r_num_branches\"\'\n\x04TopK\x12\x0f\n\x07\x63lasses\x18\x01 \x03(\x03\x12\x0e\n\x06scores\x18\x02 \x03(\x02\"\xc2\x02\n\x0fPredictResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x15\n\rprobabilities\x18\x03 \x01(\x08\x12\x11\n\tpredicted\x18\x04 \x03(\x03\x12 \n\x05top_k\x18\x05 \x03(\x0b\x32\x11.layerpar.v1.TopK\x12\x14\n\x0cnum_branches\x18\x06 \x01(\r\x12\x10\n\x08\x64\x65graded\x18\x07 \x01(\x08\x12\x15\n\rbranches_used\x18\x08 \x03(\r\x12?\n\ntimings_ms\x18\t \x03(\x0b\x32+.layerpar.v1.PredictResponse.TimingsMsEntry\x12\x12\n\nbatch_rows\x18\n \x01(\r\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x12\n\x10ModelInfoRequest\"\xb3\x02\n\x11ModelInfoResponse\x12\x12\n\nmodel_kind\x18\x01 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x02 \x03(\t\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12\x13\n\x0binput_dtype\x18\x04 \x01(\t\x12\x13\n\x0bnum_classes\x18\x05 \x01(\r\x12\x14\n\x0cnum_branches\x18\x06 \x01(\r\x12\x0f\n\x07workers\x18\x07 \x01(\r\x12\x11\n\ttransport\x18\x08 \x01(\t\x12\x0e\n\x06params\x18\t \x01(\x03\x12\x15\n\rcheckpoint_id\x18\n \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x0b \x01(\t\x12\x18\n\x10max_request_rows\x18\x0c \x01(\r\x12\x11\n\tmax_batch\x18\r \x01(\r\x12\x17\n\x0f\x64\x65graded_policy\x18\x0e \x01(\t2\x9d\x01\n\tInference\x12\x44\n\x07Predict\x12\x1b.layerpar.v1.PredictRequest\x1a\x1c.layerpar.v1.PredictResponse\x12J\n\tModelInfo\x12\x1d.layerpar.v1.ModelInfoRequest\x1a\x1e.layerpar.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n layerpar/serve/layerpar_v1.proto\x12\x0blayerpar.v1\"\xba\x01\n\x0ePredictRequest\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x19\n\x0cnum_branches\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\x15\n\rprobabilities\x18\x06 \x01(\x08\x12\x19\n\x0cmin_branches\x18\x07 \x01(\rH\x01\x88\x01\x01\x42\x0f\n\r_num_branchesB\x0f\n\r_min_branches\"\'\n\x04TopK\x12\x0f\n\x07\x63lasses\x18\x01 \x03(\x03\x12\x0e\n\x06scores\x18\x02 \x03(\x02\"\xc2\x02\n\x0fPredictResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x15\n\rprobabilities\x18\x03 \x01(\x08\x12\x11\n\tpredicted\x18\x04 \x03(\x03\x12 \n\x05top_k\x18\x05 \x03(\x0b\x32\x11.layerpar.v1.TopK\x12\x14\n\x0cnum_branches\x18\x06 \x01(\r\x12\x10\n\x08\x64\x65graded\x18\x07 \x01(\x08\x12\x15\n\rbranches_used\x18\x08 \x03(\r\x12?\n\ntimings_ms\x18\t \x03(\x0b\x32+.layerpar.v1.PredictResponse.TimingsMsEntry\x12\x12\n\nbatch_rows\x18\n \x01(\r\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x12\n\x10ModelInfoRequest\"\xb3\x02\n\x11ModelInfoResponse\x12\x12\n\nmodel_kind\x18\x01 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x02 \x03(\t\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12\x13\n\x0binput_dtype\x18\x04 \x01(\t\x12\x13\n\x0bnum_classes\x18\x05 \x01(\r\x12\x14\n\x0cnum_branches\x18\x06 \x01(\r\x12\x0f\n\x07workers\x18\x07 \x01(\r\x12\x11\n\ttransport\x18\x08 \x01(\t\x12\x0e\n\x06params\x18\t \x01(\x03\x12\x15\n\rcheckpoint_id\x18\n \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x0b \x01(\t\x12\x18\n\x10max_request_rows\x18\x0c \x01(\r\x12\x11\n\tmax_batch\x18\r \x01(\r\x12\x17\n\x0f\x64\x65graded_policy\x18\x0e \x01(\t2\x9d\x01\n\tInference\x12\x44\n\x07Predict\x12\x1b.layerpar.v1.PredictRequest\x1a\x1c.layerpar.v1.PredictResponse\x12J\n\tModelInfo\x12\x1d.layerpar.v1.ModelInfoRequest\x1a\x1e.layerpar.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,17 +34,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTRESPONSE_TIMINGSMSENTRY']._loaded_options = None
   _globals['_PREDICTRESPONSE_TIMINGSMSENTRY']._serialized_options = b'8\001'
   _globals['_PREDICTREQUEST']._serialized_start=50
-  _globals['_PREDICTREQUEST']._serialized_end=192
-  _globals['_TOPK']._serialized_start=194
-  _globals['_TOPK']._serialized_end=233
-  _globals['_PREDICTRESPONSE']._serialized_start=236
-  _globals['_PREDICTRESPONSE']._serialized_end=558
-  _globals['_PREDICTRESPONSE_TIMINGSMSENTRY']._serialized_start=510
-  _globals['_PREDICTRESPONSE_TIMINGSMSENTRY']._serialized_end=558
-  _globals['_MODELINFOREQUEST']._serialized_start=560
-  _globals['_MODELINFOREQUEST']._serialized_end=578
-  _globals['_MODELINFORESPONSE']._serialized_start=581
-  _globals['_MODELINFORESPONSE']._serialized_end=888
-  _globals['_INFERENCE']._serialized_start=891
-  _globals['_INFERENCE']._serialized_end=1048
+  _globals['_PREDICTREQUEST']._serialized_end=236
+  _globals['_TOPK']._serialized_start=238
+  _globals['_TOPK']._serialized_end=277
+  _globals['_PREDICTRESPONSE']._serialized_start=280
+  _globals['_PREDICTRESPONSE']._serialized_end=602
+  _globals['_PREDICTRESPONSE_TIMINGSMSENTRY']._serialized_start=554
+  _globals['_PREDICTRESPONSE_TIMINGSMSENTRY']._serialized_end=602
+  _globals['_MODELINFOREQUEST']._serialized_start=604
+  _globals['_MODELINFOREQUEST']._serialized_end=622
+  _globals['_MODELINFORESPONSE']._serialized_start=625
+  _globals['_MODELINFORESPONSE']._serialized_end=932
+  _globals['_INFERENCE']._serialized_start=935
+  _globals['_INFERENCE']._serialized_end=1092
 # @@protoc_insertion_point(module_scope)

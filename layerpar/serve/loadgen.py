@@ -1,7 +1,12 @@
-"""Load generator of the serving benchmark: C concurrent closed-loop clients, a fixed request count.
+"""Load generators of the serving benchmark.
 
-Each client sends its next request as soon as its previous answer arrives. Latency is measured per
-request on the client (send -> answer); throughput is answered requests over the wall time of the run.
+- run_load: C concurrent closed-loop clients, a fixed request count. Each client sends its next request
+  as soon as its previous answer arrives.
+- run_open_loop: requests sent at a fixed rate whatever the answers do (an offered load, which a
+  closed loop cannot exceed the server's capacity with), consecutive rows of a pool each.
+
+Latency is measured per request on the client (send -> answer); throughput is answered requests over
+the wall time of the run. `record=True` keeps every request's send time (time.monotonic) and latency.
 """
 
 from __future__ import annotations
@@ -29,11 +34,12 @@ def percentiles(latencies_s: list[float]) -> dict[str, float]:
 
 
 async def _load(address: str, request: pb.PredictRequest, *, concurrency: int, requests: int,
-                token: str | None, timeout_s: float) -> dict:
+                token: str | None, timeout_s: float, record: bool = False) -> dict:
     channels = [grpc.aio.insecure_channel(address, options=channel_options()) for _ in range(concurrency)]
     stubs = [pb_grpc.InferenceStub(c) for c in channels]
     metadata = auth_metadata(token)
     latencies: list[float] = []
+    sent: list[float] = []
     errors: dict[str, int] = {}
     left = requests
 
@@ -42,9 +48,11 @@ async def _load(address: str, request: pb.PredictRequest, *, concurrency: int, r
         while left > 0:
             left -= 1  # one event loop: no lock needed
             t0 = time.perf_counter()
+            start = time.monotonic()
             try:
                 await stub.Predict(request, timeout=timeout_s, metadata=metadata)
                 latencies.append(time.perf_counter() - t0)
+                sent.append(start)
             except grpc.aio.AioRpcError as exc:
                 errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
 
@@ -53,16 +61,63 @@ async def _load(address: str, request: pb.PredictRequest, *, concurrency: int, r
     wall = time.perf_counter() - t0
     for c in channels:
         await c.close()
-    return {"concurrency": concurrency, "requests": requests, "ok": len(latencies), "errors": errors,
-            "seconds": round(wall, 3), "throughput_rps": round(len(latencies) / wall, 1),
-            **percentiles(latencies)}
+    out = {"concurrency": concurrency, "requests": requests, "ok": len(latencies), "errors": errors,
+           "seconds": round(wall, 3), "throughput_rps": round(len(latencies) / wall, 1),
+           **percentiles(latencies)}
+    if record:
+        out["samples"] = list(zip(sent, latencies, strict=True))
+    return out
 
 
 def run_load(address: str, x: np.ndarray, *, concurrency: int, requests: int, token: str | None = None,
-             timeout_s: float = 30.0) -> dict:
-    """Send `requests` copies of x from `concurrency` clients; throughput and latency percentiles."""
+             timeout_s: float = 30.0, record: bool = False) -> dict:
+    """Send `requests` copies of x from `concurrency` clients; throughput and latency percentiles
+    (record: also "samples", every answered request's (send time, latency seconds))."""
     return asyncio.run(_load(address, make_request(x), concurrency=concurrency, requests=requests,
-                             token=token, timeout_s=timeout_s))
+                             token=token, timeout_s=timeout_s, record=record))
+
+
+async def _open_loop(address: str, xs: np.ndarray, *, rate: float, requests: int, rows: int,
+                     token: str | None, timeout_s: float) -> dict:
+    channel = grpc.aio.insecure_channel(address, options=channel_options())
+    stub, metadata = pb_grpc.InferenceStub(channel), auth_metadata(token)
+    starts = list(range(0, len(xs) - rows + 1, rows))
+    reqs = [make_request(xs[j: j + rows]) for j in starts]
+    replies: list[tuple] = []  # (first row, latency s, predicted, branches, server-side total ms)
+    errors: dict[str, int] = {}
+
+    async def one(i: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            r = await stub.Predict(reqs[i % len(reqs)], timeout=timeout_s, metadata=metadata)
+            replies.append((starts[i % len(reqs)], time.perf_counter() - t0, list(r.predicted),
+                            int(r.num_branches), float(r.timings_ms.get("total", 0.0))))
+        except grpc.aio.AioRpcError as exc:
+            errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+
+    tasks, start = [], time.perf_counter()
+    for i in range(requests):  # request i is due at start + i / rate; sent late if the loop is late
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one(i)))
+    sent_s = time.perf_counter() - start
+    await asyncio.gather(*tasks)
+    wall = time.perf_counter() - start
+    await channel.close()
+    return {"rate_asked": rate, "rate_offered": round(requests / sent_s, 1), "requests": requests,
+            "ok": len(replies), "errors": errors, "seconds": round(wall, 3),
+            "throughput_rps": round(len(replies) / wall, 1), **percentiles([r[1] for r in replies]),
+            "replies": replies}
+
+
+def run_open_loop(address: str, xs: np.ndarray, *, rate: float, requests: int, rows: int = 1,
+                  token: str | None = None, timeout_s: float = 30.0) -> dict:
+    """`requests` requests of `rows` consecutive rows of xs each (cycling through xs) at `rate` per
+    second, not waiting for answers; "replies": every answer's (first row, latency seconds, predicted
+    classes, branches used, the server's own milliseconds from receiving it to answering)."""
+    return asyncio.run(_open_loop(address, xs, rate=rate, requests=requests, rows=rows, token=token,
+                                  timeout_s=timeout_s))
 
 
 def batch_histogram(metrics_url: str) -> dict[str, float]:

@@ -12,6 +12,10 @@ Served as text on http://127.0.0.1:<serve.metrics_port>/metrics:
     layerpar_serving                            1 while health says SERVING
     layerpar_degraded_responses_total           answers computed from the surviving branches only
     layerpar_backend_errors_total               failed engine calls (each retried up to serve.retries)
+    layerpar_replica_batches_total{replica}     engine calls each replica group answered
+    layerpar_replica_ready{replica}             1 while the group is whole (in rotation)
+    layerpar_branches_used                      histogram: branches that answered each request
+    layerpar_slo_prefix_responses_total         answers from a prefix chosen to meet serve.latency_slo_ms
 """
 
 from __future__ import annotations
@@ -54,6 +58,14 @@ class ServerMetrics:
         self.backend_errors = Counter("layerpar_backend_errors", "Failed engine calls", registry=r)
         self.expired = Counter("layerpar_expired_requests", "Requests dropped unseen in the queue because "
                                "their deadline passed (each also answered DEADLINE_EXCEEDED)", registry=r)
+        self.replica_batches = Counter("layerpar_replica_batches", "Engine calls answered per replica group",
+                                       ["replica"], registry=r)
+        self.replica_ready = Gauge("layerpar_replica_ready", "1 while the replica group is whole",
+                                   ["replica"], registry=r)
+        self.branches_used = Histogram("layerpar_branches_used", "Branches that answered each request",
+                                       buckets=tuple(float(b) for b in range(1, 65)), registry=r)
+        self.slo_prefix = Counter("layerpar_slo_prefix_responses", "Answers from a prefix of the branches "
+                                  "chosen to meet serve.latency_slo_ms", registry=r)
         self._http = None
 
     def track_queue(self, depth: Callable[[], int]) -> None:

@@ -6,7 +6,10 @@ Works with any Backend (LocalBackend, the Ray Engine). Optional hooks it uses wh
         answers that may come from the surviving branches only (serve.degraded: allow)
     backend.last_timings: dict[str, float]    seconds per phase of the last call (broadcast, compute, ...)
     backend.health() -> {"ready": bool, "workers": int, "workers_alive": int}
-        called from a helper thread every serve.health_interval_s; must be cheap and thread-safe
+        called from a helper thread every serve.health_interval_s; must be cheap and thread-safe;
+        a replica set adds "replicas" and "replicas_ready" (SERVING while one group is whole)
+    backend.concurrency: int                  batches it runs at once (a replica set: one per group)
+    backend.prefix_work(k) -> float           cost units of the prefix model k (serve.latency_slo_ms)
 
 Rows whose values overflow the model come back as they were computed (NaN/Inf logits; a backend's
 InputOverflow hands them over): one merged batch may hold several requests, and only those with such
@@ -78,11 +81,11 @@ class BackendRunner:
         return phases
 
 
-def probe(backend, default_workers: int) -> tuple[bool, int, int]:
-    """(ready, workers, workers_alive) from backend.health() when it has one; else a live backend."""
+def probe(backend, default_workers: int) -> dict:
+    """backend.health() when it has one (ready, workers, workers_alive, and for a replica set
+    replicas, replicas_ready, replica_ready); else a live backend."""
     health = getattr(backend, "health", None)
-    if not callable(health):
-        return True, default_workers, default_workers
-    h = health() or {}
+    h = dict(health() or {}) if callable(health) else {}
     workers = int(h.get("workers", default_workers))
-    return bool(h.get("ready", True)), workers, int(h.get("workers_alive", workers))
+    return {**h, "ready": bool(h.get("ready", True)), "workers": workers,
+            "workers_alive": int(h.get("workers_alive", workers))}

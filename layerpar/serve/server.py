@@ -6,8 +6,10 @@
 In Python (tests, benchmarks): ``with ServerThread(cfg, backend) as srv: Client(srv.address)``.
 
 Services: layerpar.v1.Inference (Predict, ModelInfo), grpc.health.v1.Health (SERVING only while the
-backend reports every worker up; NOT_SERVING while draining or degraded below serve.min_live_fraction)
-and server reflection. Metrics: Prometheus text on <serve.metrics_host>:<serve.metrics_port>/metrics
+backend reports every worker up, or for replica groups (parallel.replicas) while one group is whole;
+NOT_SERVING while draining or degraded below serve.min_live_fraction) and server reflection. The
+batcher runs one batch per replica group at once, dispatching on idle; with serve.latency_slo_ms a
+batch may be answered by a prefix of the branches (serve/slo.py; the reply's branches_used says so). Metrics: Prometheus text on <serve.metrics_host>:<serve.metrics_port>/metrics
 (127.0.0.1 unless told otherwise). Auth (layerpar/serve/auth.py): the token comes from
 serve.token_file or LAYERPAR_SERVE_TOKEN; serve.health_auth says whether health and reflection need it.
 SIGTERM / SIGINT: health turns NOT_SERVING, new calls get UNAVAILABLE, in-flight requests finish
@@ -37,6 +39,7 @@ from layerpar.serve.codec import BadRequest, InputSpec, decode_request, encode_r
 from layerpar.serve.decoding import DecodeGuard
 from layerpar.serve.metrics import ServerMetrics
 from layerpar.serve.runner import BackendRunner, BackendUnavailable, probe
+from layerpar.serve.slo import LatencyPlanner
 
 log = logging.getLogger("layerpar.serve")
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "layerpar.v1.Inference"
@@ -74,6 +77,7 @@ class InferenceServer:
         """token: the bearer token calls must send; None reads serve.token_file, else the environment
         variable LAYERPAR_SERVE_TOKEN (neither: no token)."""
         self.cfg, self.backend = cfg, backend
+        s = cfg.serve
         self.token = token if token is not None else resolve_token(cfg.serve.token_file)
         self.spec = InputSpec.from_config(cfg)
         self.metrics = ServerMetrics(max_batch=cfg.serve.max_batch)
@@ -85,6 +89,10 @@ class InferenceServer:
         self.workers = int(self.info.get("workers", 0))
         self.address = self.metrics_url = self.port = None
         self.batcher: Batcher | None = None
+        self.planner = None
+        if s.latency_slo_ms > 0 and self.spec.prefix_models:
+            self.planner = LatencyPlanner(slo_ms=s.latency_slo_ms, num_branches=self.spec.num_branches,
+                                          work=getattr(backend, "prefix_work", None))
         self._draining = False
         self._engine_failed = False
         self._inflight = 0
@@ -95,7 +103,8 @@ class InferenceServer:
         """Bind, start serving, return "host:port"."""
         s = self.cfg.serve
         self.batcher = Batcher(self._compute, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms,
-                               max_queue=s.max_queue, on_batch=self.metrics.batch,
+                               max_queue=s.max_queue, slots=int(getattr(self.backend, "concurrency", 1)),
+                               planner=self.planner, on_batch=self.metrics.batch,
                                on_expired=self.metrics.expired.inc)
         self.metrics.track_queue(self.batcher.depth)
         count = self.metrics.request
@@ -178,15 +187,21 @@ class InferenceServer:
     async def _check_health(self) -> None:
         interval = self.cfg.serve.health_interval_s
         try:
-            ready, workers, alive = await asyncio.wait_for(
+            h = await asyncio.wait_for(
                 asyncio.get_running_loop().run_in_executor(None, probe, self.backend, self.workers),
                 timeout=max(5.0, 5 * interval))
         except Exception as exc:  # noqa: BLE001 - a probe that fails means not serving, not a crash
             log.warning("health probe failed: %s: %s", type(exc).__name__, exc)
-            ready, workers, alive = False, self.workers, 0
+            h = {"ready": False, "workers": self.workers, "workers_alive": 0}
+        ready, workers, alive = h["ready"], h["workers"], h["workers_alive"]
         self.metrics.workers.set(workers)
         self.metrics.workers_alive.set(alive)
-        enough = workers == 0 or alive >= math.ceil(workers * self.cfg.serve.min_live_fraction - 1e-9)
+        for i, whole in enumerate(h.get("replica_ready", ())):
+            self.metrics.replica_ready.labels(replica=str(i)).set(1 if whole else 0)
+        if "replicas" in h:  # replica groups: serving while one group is whole
+            enough = h["replicas_ready"] >= 1
+        else:
+            enough = workers == 0 or alive >= math.ceil(workers * self.cfg.serve.min_live_fraction - 1e-9)
         if ready and enough and self._engine_failed and not self._draining:
             await self._probe_engine(timeout_s=max(5.0, 5 * interval))
         await self._set_health(ready and enough and not self._engine_failed)
@@ -219,6 +234,8 @@ class InferenceServer:
             raise
         self._engine_failed = False
         self.metrics.phases(meta["timings"])  # once per engine call, not once per request
+        if "replica" in meta:
+            self.metrics.replica_batches.labels(replica=str(meta["replica"])).inc()
         return logits, meta
 
     async def predict(self, raw: bytes, context) -> pb.PredictResponse:
@@ -252,7 +269,7 @@ class InferenceServer:
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None and remaining < 1e8 else None
         try:
-            future = self.batcher.submit(d.x, d.num_branches, deadline)
+            future = self.batcher.submit(d.x, d.num_branches, deadline, min_branches=d.min_branches)
         except QueueFull as exc:
             return Code.RESOURCE_EXHAUSTED, str(exc)
         except Draining as exc:
@@ -272,15 +289,20 @@ class InferenceServer:
         if bad:
             return Code.INVALID_ARGUMENT, overflow_message(bad, d.rows)
         meta = out.meta
-        k = d.num_branches or self.spec.num_branches
+        k = out.num_branches or self.spec.num_branches
         degraded = bool(meta.get("degraded", False))
         used = [int(b) for b in meta.get("branches_used") or range(k)]
         if degraded:
             self.metrics.degraded.inc()
+        if d.num_branches is None and k < self.spec.num_branches:
+            self.metrics.slo_prefix.inc()  # the latency target chose a prefix
+        self.metrics.branches_used.observe(len(used))
         self.metrics.rows.inc(d.rows)
         self.metrics.phase.labels(phase="queue").observe(out.queue_s)
         timings = {"queue": out.queue_s * 1e3, **{p: s * 1e3 for p, s in meta["timings"].items()}}
         timings["total"] = (time.perf_counter() - t0) * 1e3
+        if self.planner is not None:  # the server's own time around the queue and the engine call
+            self.planner.observe_overhead(timings["total"] / 1e3 - out.queue_s - meta["timings"]["backend"])
         return encode_response(out.logits, d, num_branches=len(used) if degraded else k, degraded=degraded,
                                branches_used=used, timings_ms=timings, batch_rows=out.batch_rows)
 

@@ -72,6 +72,10 @@ class LocalBackend:
 
     # ------------------------------------------------------------------ compute
 
+    def prefix_work(self, k: int | None) -> int:
+        """Branches computed for the prefix model of k branches (a cost unit of the latency target)."""
+        return self.cfg.model.num_branches if k is None else k
+
     def infer(self, x: torch.Tensor, num_branches: int | None = None) -> torch.Tensor:
         """(B, C, H, W) -> logits (B, classes) of the prefix model of the first num_branches.
         Raises InputOverflow (a ValueError) when a row's values overflow the model (NaN/Inf logits)."""
