@@ -104,11 +104,6 @@ def fit(points: list[dict], devices: int) -> CostModel:
                      T_head=float(np.mean([q.get("head", 0.0) for q in ph])), kappa=kappa)
 
 
-def is_fit_point(point: dict, *, branch_counts: list[int], devices: int) -> bool:
-    """Corner points are fitted on: the smallest and largest N, with W within the devices."""
-    return point["W"] <= devices and point["N"] in (min(branch_counts), max(branch_counts))
-
-
 def fit_and_judge(rows: list[dict], devices: int) -> dict:
     """Fit one model per (system, batch) over layerpar rows; set predicted_ms / pred_error / fit on
     each row (in place) and return the models with their held-out errors."""
@@ -119,7 +114,8 @@ def fit_and_judge(rows: list[dict], devices: int) -> dict:
             groups.setdefault((r["system"], r["batch"]), []).append(r)
     for (system, batch), group in sorted(groups.items()):
         ns = sorted({r["N"] for r in group})
-        train = [r for r in group if is_fit_point(r, branch_counts=ns, devices=devices)]
+        # fitted on the corner points: the smallest and largest N, with W within the devices
+        train = [r for r in group if r["W"] <= devices and r["N"] in (ns[0], ns[-1])]
         if len(train) < 2:  # too few corners measured: fit on every point (no held-out error)
             train = group
         model = fit(train, devices)

@@ -70,38 +70,29 @@ def measure(fn: Callable[[], object], *, warmup: int = 2, reps: int = 20, min_re
     each call (and synchronise), so queued kernels are counted. `phases`: read after each timed
     call (e.g. the engine's last_timings, in seconds); their medians land in Timing.phases_ms.
     Warm-up: `warmup` calls, but after the first only while they took under max_seconds / 4."""
-    out = None
-    began, done = time.perf_counter(), 0
-    while done < warmup and (done < 1 or time.perf_counter() - began < max_seconds / 4):
+    return measure_interleaved({"": fn}, warmup=warmup, reps=reps, min_reps=min_reps,
+                               max_seconds=max_seconds, cuda=cuda,
+                               phases={"": phases} if phases else None)[""]
+
+
+def _timed_call(fn: Callable[[], object], cuda: bool) -> tuple[object, float, float]:
+    """fn's result, its latency and the wall time it took, in seconds (the two differ with CUDA
+    events: the latency is the GPU's, the wall time includes waiting for it)."""
+    t0 = time.perf_counter()
+    if not cuda:
         out = fn()
-        done += 1
-    if cuda:
-        torch.cuda.synchronize()
-    samples, recorded = [], []
-    spent = 0.0
-    while len(samples) < reps and (len(samples) < min_reps or spent < max_seconds):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            t0 = time.perf_counter()
-            start.record()
-            out = fn()
-            end.record()
-            end.synchronize()  # blocks until every kernel of this call has run
-            spent += time.perf_counter() - t0
-            samples.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            out = fn()
-            dt = time.perf_counter() - t0
-            spent += dt
-            samples.append(dt)
-        if phases is not None:
-            recorded.append(dict(phases()))
-    return summarize(samples, warmup=done, phases=recorded or None), out
+        dt = time.perf_counter() - t0
+        return out, dt, dt
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    out = fn()
+    end.record()
+    end.synchronize()  # blocks until every kernel of this call has run
+    return out, start.elapsed_time(end) / 1e3, time.perf_counter() - t0
 
 
 def measure_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2, reps: int = 20,
-                        min_reps: int = 5, max_seconds: float = 10.0,
+                        min_reps: int = 5, max_seconds: float = 10.0, cuda: bool = False,
                         phases: dict[str, Callable[[], dict[str, float]]] | None = None
                         ) -> dict[str, tuple[Timing, object]]:
     """Time several systems at one point in round-robin (the first one rotating each round), so
@@ -116,6 +107,8 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2
                                        time.perf_counter() - began < max_seconds / 4):
             out[name] = fns[name]()
             done[name] += 1
+    if cuda:
+        torch.cuda.synchronize()
     samples: dict[str, list[float]] = {n: [] for n in names}
     recorded: dict[str, list[dict]] = {n: [] for n in names}
     spent = 0.0
@@ -127,13 +120,11 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2
             break
         k = rnd % len(active)
         for name in active[k:] + active[:k]:
-            t0 = time.perf_counter()
-            out[name] = fns[name]()
-            dt = time.perf_counter() - t0
-            spent += dt
-            samples[name].append(dt)
+            out[name], latency, wall = _timed_call(fns[name], cuda)
+            spent += wall
+            samples[name].append(latency)
             if phases and name in phases:
                 recorded[name].append(dict(phases[name]()))
         rnd += 1
-    return {n: (summarize(samples[n], warmup=done[n], phases=recorded[n] or None), out[n])
+    return {n: (summarize(samples[n], warmup=done[n], phases=recorded[n] or None), out.get(n))
             for n in names}

@@ -26,6 +26,21 @@ def _pyplot():
     return plt
 
 
+def _label(ax, xlabel: str, ylabel: str, title: str, **grid) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3, **grid)
+    ax.legend(fontsize=7)
+
+
+def _save(plt, fig, run_dir: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(run_dir / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
 def write_plots(rows: list[dict], run_dir: Path, *, gpu: bool) -> list[str]:
     """Write the plots; returns their file names (none when matplotlib is missing)."""
     plt = _pyplot()
@@ -53,15 +68,9 @@ def _latency_vs_n(plt, rows, run_dir, gpu) -> str:
                     else "-.", alpha=0.9)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("branches N (serial ViT: N x depth blocks)")
-        ax.set_ylabel("p50 latency (ms)")
-        ax.set_title(f"batch {b}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(run_dir / "latency_vs_n.png", dpi=110)
-    plt.close(fig)
-    return "latency_vs_n.png"
+        _label(ax, "branches N (serial ViT: N x depth blocks)", "p50 latency (ms)", f"batch {b}",
+               which="both")
+    return _save(plt, fig, run_dir, "latency_vs_n.png")
 
 
 def _speedup_vs_w(plt, rows, run_dir) -> str | None:
@@ -83,15 +92,8 @@ def _speedup_vs_w(plt, rows, run_dir) -> str | None:
         if cores:
             ax.axvspan(cores - 0.5, max(ws) + 0.5, color="gray", alpha=0.1,
                        label="oversubscribed (W > cores)")
-        ax.set_xlabel("workers W")
-        ax.set_ylabel(f"speed-up T(W=1)/T(W) at N={n_max}")
-        ax.set_title(f"strong scaling, batch {b}")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(run_dir / "speedup_vs_w.png", dpi=110)
-    plt.close(fig)
-    return "speedup_vs_w.png"
+        _label(ax, "workers W", f"speed-up T(W=1)/T(W) at N={n_max}", f"strong scaling, batch {b}")
+    return _save(plt, fig, run_dir, "speedup_vs_w.png")
 
 
 def _measured_vs_predicted(plt, rows, run_dir) -> str:
@@ -112,12 +114,5 @@ def _measured_vs_predicted(plt, rows, run_dir) -> str:
                     alpha=0.15, label="within 25%")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("measured p50 (ms)")
-    ax.set_ylabel("cost model (ms)")
-    ax.set_title("layerpar: measured vs predicted")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(run_dir / "measured_vs_predicted.png", dpi=110)
-    plt.close(fig)
-    return "measured_vs_predicted.png"
+    _label(ax, "measured p50 (ms)", "cost model (ms)", "layerpar: measured vs predicted", which="both")
+    return _save(plt, fig, run_dir, "measured_vs_predicted.png")

@@ -56,8 +56,7 @@ def cpu_model() -> str:
 
 
 def environment(*, gpu: bool, devices: int, command: str, address: str | None,
-                cluster: dict | None = None, skipped: list[dict] | None = None,
-          pairs: list[dict] | None = None) -> dict:
+                cluster: dict | None = None) -> dict:
     env = {"hostname": platform.node(), "platform": platform.platform(),
            "python": platform.python_version(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
            "torch": torch.__version__, "ray": _version("ray"), "devices": devices,
@@ -94,71 +93,57 @@ def derive(rows: list[dict], atol: float) -> None:
         r["logits_match"] = r["max_abs_diff"] <= atol
 
 
-def _ratio(a, b):
-    return a["p50_ms"] / b["p50_ms"] if a and b else None
+def _ratio(rows, a: tuple, b: tuple):
+    """p50 of point a over p50 of point b, each (system, N, W, batch); None if either is missing."""
+    ra, rb = _find(rows, *a), _find(rows, *b)
+    return ra["p50_ms"] / rb["p50_ms"] if ra and rb else None
 
 
-def headline(rows: list[dict], models: dict, *, devices: int, pairs: list[dict] | None = None
-             ) -> dict:
+def headline(rows: list[dict], models: dict, *, pairs: list[dict] | None = None) -> dict:
     """The ratios issue 6 asks for, measured in this run (None where a point was not measured).
     The depth ratios come from the depth pair (N = 1, W = 1 and N = 2, W = 2 measured in one
     round-robin) when it was run, else from the sweep's points."""
     batches = sorted({r["batch"] for r in rows})
     b1 = batches[0] if batches else None
-    h: dict = {}
-    lp = "layerpar-collective"
-    depth = pairs or rows
-    h["depth_ratios_from"] = "depth pair (interleaved)" if pairs else "sweep points"
-    h["layerpar_depth_ratio"] = _ratio(_find(depth, lp, 2, 2, b1), _find(depth, lp, 1, 1, b1))
+    lp, depth = "layerpar-collective", pairs or rows
+    h: dict = {"depth_ratios_from": "depth pair (interleaved)" if pairs else "sweep points"}
+    h["layerpar_depth_ratio"] = _ratio(depth, (lp, 2, 2, b1), (lp, 1, 1, b1))
     h["layerpar_depth_ratio_by_batch"] = {
-        str(b): _ratio(_find(depth, lp, 2, 2, b), _find(depth, lp, 1, 1, b)) for b in batches}
-    h["layerpar_object_store_depth_ratio"] = _ratio(
-        _find(depth, "layerpar-object_store", 2, 2, b1), _find(depth, "layerpar-object_store", 1, 1, b1))
-    h["vit_depth_ratio"] = _ratio(_find(depth, "vit-1dev", 2, 1, b1), _find(depth, "vit-1dev", 1, 1, b1))
+        str(b): _ratio(depth, (lp, 2, 2, b), (lp, 1, 1, b)) for b in batches}
+    os_ = "layerpar-object_store"
+    h["layerpar_object_store_depth_ratio"] = _ratio(depth, (os_, 2, 2, b1), (os_, 1, 1, b1))
+    h["vit_depth_ratio"] = _ratio(depth, ("vit-1dev", 2, 1, b1), ("vit-1dev", 1, 1, b1))
     if pairs:
-        h["layerpar_depth_ratio_sweep_points"] = _ratio(_find(rows, lp, 2, 2, b1),
-                                                        _find(rows, lp, 1, 1, b1))
-    pipe_ns = sorted({r["N"] for r in rows if r["system"] == "vit-pipeline" and r["W"] == 2})
-    if pipe_ns:
-        n = pipe_ns[-1]
-        h["layerpar_vs_pipeline_point"] = {"N": n, "W": 2, "batch": b1}
-        h["layerpar_vs_pipeline_speedup"] = _ratio(_find(rows, "vit-pipeline", n, 2, b1),
-                                                   _find(rows, lp, n, 2, b1))
-        h["layerpar_vs_pipeline_speedup_by_n"] = {
-            str(m): _ratio(_find(rows, "vit-pipeline", m, 2, b1), _find(rows, lp, m, 2, b1))
-            for m in pipe_ns}
-    ref_ns = sorted({r["N"] for r in rows if r["system"] == "reference-threads" and r["W"] == 2})
-    if ref_ns:
-        n = ref_ns[-1]
-        h["layerpar_vs_reference_point"] = {"N": n, "W": 2, "batch": b1}
-        h["layerpar_vs_reference_ratio"] = _ratio(_find(rows, lp, n, 2, b1),
-                                                  _find(rows, "reference-threads", n, 2, b1))
+        h["layerpar_depth_ratio_sweep_points"] = _ratio(rows, (lp, 2, 2, b1), (lp, 1, 1, b1))
+    pipe, ref = "vit-pipeline", "reference-threads"
+    pipe_ns = sorted({r["N"] for r in rows if r["system"] == pipe and r["W"] == 2})
+    if pipe_ns:  # the pipeline's time over layerpar's
+        h["layerpar_vs_pipeline_point"] = {"N": pipe_ns[-1], "W": 2, "batch": b1}
+        by_n = {str(m): _ratio(rows, (pipe, m, 2, b1), (lp, m, 2, b1)) for m in pipe_ns}
+        h["layerpar_vs_pipeline_speedup"] = by_n[str(pipe_ns[-1])]
+        h["layerpar_vs_pipeline_speedup_by_n"] = by_n
+    ref_ns = sorted({r["N"] for r in rows if r["system"] == ref and r["W"] == 2})
+    if ref_ns:  # layerpar's time over reference-threads'
+        h["layerpar_vs_reference_point"] = {"N": ref_ns[-1], "W": 2, "batch": b1}
+        h["layerpar_vs_reference_ratio"] = _ratio(rows, (lp, ref_ns[-1], 2, b1), (ref, ref_ns[-1], 2, b1))
         h["layerpar_vs_reference_ratio_by_point"] = {
-            f"N{m}_b{b}": _ratio(_find(rows, lp, m, 2, b), _find(rows, "reference-threads", m, 2, b))
-            for m in ref_ns for b in batches}
-    within = [m["max_abs_error_held_out_within_devices"] for m in models.values()
-              if m["max_abs_error_held_out_within_devices"] is not None]
-    every = [m["max_abs_error_held_out"] for m in models.values()
-             if m["max_abs_error_held_out"] is not None]
-    h["costmodel_max_held_out_error"] = max(within) if within else None
-    h["costmodel_max_held_out_error_incl_oversubscribed"] = max(every) if every else None
-    for sys_name, key in (("paraformer-1gpu", "gpu_paraformer"), ("vit-1gpu", "gpu_vit"),
-                          ("paraformer-1gpu-graph", "gpu_paraformer_graph"),
-                          ("vit-1gpu-graph", "gpu_vit_graph")):
+            f"N{m}_b{b}": _ratio(rows, (lp, m, 2, b), (ref, m, 2, b)) for m in ref_ns for b in batches}
+    for key, field in (("costmodel_max_held_out_error", "max_abs_error_held_out_within_devices"),
+                       ("costmodel_max_held_out_error_incl_oversubscribed", "max_abs_error_held_out")):
+        h[key] = max((m[field] for m in models.values() if m[field] is not None), default=None)
+    for system in ("paraformer-1gpu", "vit-1gpu", "paraformer-1gpu-graph", "vit-1gpu-graph"):
+        key = "gpu_" + system.replace("-1gpu", "").replace("-", "_")
         for b in batches:
             for n in (16, 32):
-                r = _ratio(_find(rows, sys_name, n, 1, b), _find(rows, sys_name, 1, 1, b))
+                r = _ratio(rows, (system, n, 1, b), (system, 1, 1, b))
                 if r is not None:
                     h[f"{key}_n{n}_vs_n1_b{b}"] = r
     checked = rows + (pairs or [])
     h["logits_match"] = all(r["logits_match"] for r in checked) if checked else None
     h["max_abs_diff"] = max((r["max_abs_diff"] for r in checked), default=None)
-    h["pass"] = {k: _passes(h.get(k), *t) for k, t in TARGETS.items() if h.get(k) is not None}
+    h["pass"] = {k: (v <= bound if op == "<=" else v >= bound) for k, (op, bound) in TARGETS.items()
+                 if (v := h.get(k)) is not None}
     return h
-
-
-def _passes(value, op, bound) -> bool:
-    return value <= bound if op == "<=" else value >= bound
 
 
 def _clean(obj):
@@ -189,7 +174,7 @@ def write(rows: list[dict], *, cfg, settings: dict, preset: str, devices: int, g
     serial = costmodel.fit_serial(rows) if any(r["system"] == "vit-1dev" for r in rows) else {}
     pairs = pairs or []
     derive(pairs, settings["atol"])
-    heads = headline(rows, models, devices=devices, pairs=pairs)
+    heads = headline(rows, models, pairs=pairs)
     env = environment(gpu=gpu, devices=devices, command=command, address=address, cluster=cluster)
     result = _clean({"format": "layerpar-scale-v1", "preset": preset, "run_dir": str(run_dir),
                      "created": dt.datetime.now().isoformat(timespec="seconds"),

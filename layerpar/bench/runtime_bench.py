@@ -44,11 +44,11 @@ def _input(cfg: Config, batch: int) -> torch.Tensor:
                        generator=torch.Generator().manual_seed(0))
 
 
-def _engine_latency(cfg: Config, x: torch.Tensor, reps: int) -> tuple[float, dict, dict]:
+def _engine_latency(cfg: Config, x: torch.Tensor, reps: int) -> tuple[float, dict]:
+    """The engine's p50 latency in ms on x, and the bytes its last call moved."""
     with Engine(cfg) as engine:
-        timing, _ = measure(lambda: engine.infer(x), warmup=3, reps=reps, min_reps=5,
-                            max_seconds=20, phases=lambda: engine.last_timings)
-        return timing.p50_ms, timing.phases_ms, dict(engine.last_bytes)
+        timing, _ = measure(lambda: engine.infer(x), warmup=3, reps=reps, min_reps=5, max_seconds=20)
+        return timing.p50_ms, dict(engine.last_bytes)
 
 
 def _local_latency(model: torch.nn.Module, x: torch.Tensor, reps: int) -> float:
@@ -68,7 +68,7 @@ def dispatch_overhead(reps: int) -> dict:
     for workers in (1, 2):
         cfg = _cfg("tiny", "model.num_branches=2", f"parallel.workers={workers}")
         x = _input(cfg, 1)
-        engine_ms, phases, _ = _engine_latency(cfg, x, reps * 5)
+        engine_ms, _ = _engine_latency(cfg, x, reps * 5)
         local_ms = _local_latency(ParaFormer(cfg.model), x, reps * 5)
         out[f"dispatch_overhead_ms_w{workers}"] = engine_ms - local_ms
         out[f"engine_latency_ms_w{workers}"] = engine_ms
@@ -85,7 +85,7 @@ def two_worker_speedup(reps: int) -> dict:
         lat = {}
         for workers in (1, 2):
             cfg = _cfg("cifar10", f"parallel.workers={workers}")
-            lat[workers], phases, moved = _engine_latency(cfg, _input(cfg, batch), reps)
+            lat[workers], moved = _engine_latency(cfg, _input(cfg, batch), reps)
             out[f"latency_ms_b{batch}_w{workers}"] = lat[workers]
             out[f"bytes_b{batch}_w{workers}"] = moved
         out[f"speedup_w2_b{batch}"] = lat[1] / lat[2]
@@ -140,7 +140,7 @@ def depth_independence(reps: int) -> dict:
         cfg = _cfg("cifar10", f"model.num_branches={n}", "model.branch_depth=1",
                    f"parallel.workers={n}")
         x = _input(cfg, 1)
-        lat[n], _, _ = _engine_latency(cfg, x, reps)
+        lat[n], _ = _engine_latency(cfg, x, reps)
         out[f"vit_latency_ms_depth{n}"] = _local_latency(ViT(cfg.model), x, reps)
         out[f"latency_ms_n{n}_w{n}"] = lat[n]
     out["depth_ratio_n2_n1"] = lat[2] / lat[1]

@@ -36,36 +36,24 @@ from layerpar.bench.presets import (
     build_settings,
 )
 from layerpar.bench.systems import (
-    REFERENCE_MODEL,
     CudaGraphSystem,
     LayerparSystem,
     ModelSystem,
-    PipelineSystem,
     ReferenceThreads,
     micro_batches_for,
     param_count,
+    reference_model,
 )
 from layerpar.config import Config, ConfigError
 from layerpar.model import ParaFormer, ViT
 from layerpar.model.layers import seeded
 
 
-def _row(system: str, n: int, w: int, batch: int, cfg: Config, params: int, timing, *,
-         devices: int, logits: torch.Tensor, truth: torch.Tensor, bytes_moved=None) -> dict:
-    rows_checked = truth.shape[0]
-    diff = (logits[:rows_checked].float().cpu() - truth).abs().max().item()
-    return {"system": system, "N": n, "W": w, "batch": batch,
-            "blocks": n * cfg.model.branch_depth, "params": params,
-            "oversubscribed": w > devices, **timing.to_dict(),
-            "throughput_sps": batch / (timing.p50_ms / 1e3),
-            "bytes": dict(bytes_moved or {}), "max_abs_diff": diff}
-
-
 class Sweep:
-    """Runs every point of a preset; rows collect in self.rows."""
+    """Runs every point of a preset; rows collect in self.rows (the depth pair's in self.pairs)."""
 
     def __init__(self, cfg: Config, settings: BenchSettings):
-        self.cfg, self.s = cfg, settings
+        self.cfg, self.s, self.seed = cfg, settings, cfg.train.seed
         self.gpu = any(name in GPU_SYSTEMS for name in settings.systems)
         self.devices = settings.devices or (1 if self.gpu else os.cpu_count() or 1)
         self.rows: list[dict] = []
@@ -82,15 +70,22 @@ class Sweep:
     def cfg_for(self, n: int) -> Config:
         return self.cfg.replace(model={"num_branches": n})
 
+    def vit(self, n: int) -> ModelSystem:
+        return ModelSystem("vit-1dev", ViT(self.model_cfg(n), seed=self.seed), torch.device("cpu"))
+
     def truth(self, kind: str, n: int, batch: int) -> torch.Tensor:
         """Logits of the single-process CPU model (`paraformer` or `vit`) on the first rows."""
         key = (kind, n, batch)
         if key not in self._truth:
             cls = ParaFormer if kind == "paraformer" else ViT
-            model = cls(self.model_cfg(n), seed=self.cfg.train.seed).eval()
+            model = cls(self.model_cfg(n), seed=self.seed).eval()
             with torch.no_grad():  # float32 on the CPU, whatever the system under test uses
                 self._truth[key] = model(self.inputs[batch][: self.s.check_rows].float().cpu())
         return self._truth[key]
+
+    def _timing_args(self) -> dict:
+        s = self.s
+        return {"warmup": s.warmup, "reps": s.reps, "min_reps": s.min_reps, "max_seconds": s.max_seconds}
 
     def record(self, system, n: int, w: int, params: int, *, eager: bool = True,
                graphs: bool = False) -> None:
@@ -100,34 +95,39 @@ class Sweep:
             x = self.inputs[batch].to("cuda") if system.cuda else self.inputs[batch]
             variants = ([system] if eager else []) + ([CudaGraphSystem(system, x)] if graphs else [])
             for v in variants:
-                timing, logits = measure(lambda v=v, x=x: v.run(x), warmup=self.s.warmup,
-                                         reps=self.s.reps, min_reps=self.s.min_reps,
-                                         max_seconds=self.s.max_seconds, cuda=v.cuda,
-                                         phases=v.phases)
+                timing, logits = measure(lambda v=v, x=x: v.run(x), cuda=v.cuda, phases=v.phases,
+                                         **self._timing_args())
                 self._add(v.name, n, w, batch, params, timing, logits, v.bytes_moved())
             del variants
 
-    def record_interleaved(self, group: list[tuple[object, int]], n: int, params: int) -> None:
-        """Measure the systems of one point in round-robin, batch size by batch size."""
+    def record_interleaved(self, members: dict[str, tuple[object, int, int]], params: dict[int, int],
+                           *, pair: bool = False) -> None:
+        """Measure systems (key -> (system, N, W)) in round-robin, batch size by batch size; params:
+        N -> parameter count; pair: they are the depth pair (rows into self.pairs)."""
+        systems = {key: m for key, (m, _, _) in members.items()}
         for batch in self.s.batches:
             x = self.inputs[batch]
-            fns = {f"{s.name}@{w}": (lambda s=s, x=x: s.run(x)) for s, w in group}
-            results = measure_interleaved(fns, warmup=self.s.warmup, reps=self.s.reps,
-                                          min_reps=self.s.min_reps, max_seconds=self.s.max_seconds,
-                                          phases={f"{s.name}@{w}": s.phases for s, w in group})
-            for s, w in group:
-                timing, logits = results[f"{s.name}@{w}"]
-                self._add(s.name, n, w, batch, params, timing, logits, s.bytes_moved())
+            results = measure_interleaved({k: (lambda m=m, x=x: m.run(x)) for k, m in systems.items()},
+                                          phases={k: m.phases for k, m in systems.items()},
+                                          **self._timing_args())
+            for key, (system, n, w) in members.items():
+                timing, logits = results[key]
+                self._add(system.name, n, w, batch, params[n], timing, logits,
+                          None if pair else system.bytes_moved(), pair=pair)
 
-    def _add(self, name, n, w, batch, params, timing, logits, bytes_moved=None) -> None:
-        truth = self.truth(REFERENCE_MODEL[name], n, batch)
-        row = _row(name, n, w, batch, self.cfg, params, timing, devices=self.devices, logits=logits,
-                   truth=truth, bytes_moved=bytes_moved)
-        self.rows.append(row)
+    def _add(self, name, n, w, batch, params, timing, logits, bytes_moved=None, *, pair=False) -> None:
+        truth = self.truth(reference_model(name), n, batch)
+        diff = (logits[: truth.shape[0]].float().cpu() - truth).abs().max().item()
+        row = {"system": name, "N": n, "W": w, "batch": batch,
+               "blocks": n * self.cfg.model.branch_depth, "params": params,
+               "oversubscribed": w > self.devices, **timing.to_dict(),
+               "throughput_sps": batch / (timing.p50_ms / 1e3),
+               "bytes": dict(bytes_moved or {}), "max_abs_diff": diff}
+        (self.pairs if pair else self.rows).append(row)
         flag = " OVERSUBSCRIBED" if row["oversubscribed"] else ""
-        print(f"{name:22s} N={n:<3d} W={w:<2d} B={batch:<3d} p50 {row['p50_ms']:9.3f} ms  "
-              f"p95 {row['p95_ms']:9.3f}  reps {row['reps']:<3d} diff {row['max_abs_diff']:.1e}{flag}",
-              file=sys.stderr, flush=True)
+        print(f"{'depth pair ' if pair else ''}{name:22s} N={n:<3d} W={w:<2d} B={batch:<3d} "
+              f"p50 {row['p50_ms']:9.3f} ms  p95 {row['p95_ms']:9.3f}  reps {row['reps']:<3d} "
+              f"diff {row['max_abs_diff']:.1e}{flag}", file=sys.stderr, flush=True)
 
     def run_gpu(self) -> None:
         device = torch.device("cuda")
@@ -136,11 +136,10 @@ class Sweep:
         self.inputs = {b: x.to(dtype) for b, x in self.inputs.items()}
         self.warm_gpu(device, dtype)
         for n in self.s.branches:
-            mcfg, seed = self.model_cfg(n), self.cfg.train.seed
             for name, cls in (("paraformer-1gpu", ParaFormer), ("vit-1gpu", ViT)):
                 eager, graphs = name in self.s.systems, name + "-graph" in self.s.systems
                 if eager or graphs:
-                    system = ModelSystem(name, cls(mcfg, seed=seed).to(dtype), device)
+                    system = ModelSystem(name, cls(self.model_cfg(n), seed=self.seed).to(dtype), device)
                     self.record(system, n, 1, param_count(system.model), eager=eager, graphs=graphs)
             torch.cuda.empty_cache()
 
@@ -162,30 +161,25 @@ class Sweep:
         side), then the oversubscribed W on their own."""
         from layerpar.bench.pipeline import PipelinePool
 
-        seed, s = self.cfg.train.seed, self.s
+        s = self.s
         within = [w for w in s.workers if w <= self.devices]
-        over = [w for w in s.workers if w > self.devices]
-        pools: dict[int, object] = {}
-        try:
-            if "vit-pipeline" in s.systems:
-                pools = {w: PipelinePool(w) for w in within if w > 1}
-            for n in s.branches:
-                for ws in self._fitting([w for w in within if w <= n]):
-                    self._cpu_point(n, ws, pools, seed)
-        finally:
-            for pool in pools.values():
-                pool.close()
-        for w in over:
+        # (the pipelines' worker counts, their points (N, W group)), in the order they run
+        plan = [(within, [(n, ws) for n in s.branches
+                          for ws in self._fitting([w for w in within if w <= n])])]
+        for w in (w for w in s.workers if w > self.devices):
             # time-shared workers say little; every one of them costs an actor start-up
             branch_counts = [n for n in s.branches if n >= w]
             if s.oversubscribed != "all":
                 branch_counts = branch_counts[-1:] if s.oversubscribed == "largest" else []
-            pool = PipelinePool(w) if "vit-pipeline" in s.systems and branch_counts else None
+            if branch_counts:
+                plan.append(([w], [(n, [w]) for n in branch_counts]))
+        for pool_ws, points in plan:
+            pools = {w: PipelinePool(w) for w in pool_ws if w > 1} if "vit-pipeline" in s.systems else {}
             try:
-                for n in branch_counts:
-                    self._cpu_point(n, [w], {w: pool} if pool else {}, seed)
+                for n, ws in points:
+                    self._cpu_point(n, ws, pools)
             finally:
-                if pool is not None:
+                for pool in pools.values():
                     pool.close()
         self.rows.sort(key=lambda r: (r["W"], r["N"], r["batch"]))  # stable: systems keep their order
 
@@ -216,37 +210,22 @@ class Sweep:
         """The depth headline in one round-robin: N = 1 on W = 1 beside N = 2 on W = 2 (each
         transport) and the serial ViT 1 and 2 blocks deep, at every batch size: the sweep measures
         N = 1 and N = 2 minutes apart, and this machine's speed drifts by 20-30% over minutes."""
-        s, seed = self.s, self.cfg.train.seed
+        s = self.s
         if not ({1, 2} <= set(s.branches) and {1, 2} <= set(s.workers) and self.devices >= 2
                 and 3 * self._engines_per_point() <= self._capacity()):
             return  # the report then takes the depth ratios from the sweep's points, and says so
-        members: dict[str, tuple[object, str, int, int]] = {}  # key -> (system, name, N, W)
+        members: dict[str, tuple[object, int, int]] = {}  # key -> (system, N, W), ordered by N below
         try:
             for t in ("collective", "object_store"):
                 if f"layerpar-{t}" in s.systems:
                     for n in (1, 2):
-                        members[f"{t}-{n}"] = (LayerparSystem(self.cfg_for(n), workers=n, transport=t),
-                                               f"layerpar-{t}", n, n)
+                        members[f"{t}-{n}"] = (LayerparSystem(self.cfg_for(n), workers=n, transport=t), n, n)
             if "vit-1dev" in s.systems:
                 for n in (1, 2):
-                    members[f"vit-{n}"] = (ModelSystem("vit-1dev", ViT(self.model_cfg(n), seed=seed),
-                                                       torch.device("cpu")), "vit-1dev", n, 1)
-            for batch in s.batches:
-                x = self.inputs[batch]
-                fns = {key: (lambda m=m, x=x: m[0].run(x)) for key, m in members.items()}
-                results = measure_interleaved(fns, warmup=s.warmup, reps=s.reps, min_reps=s.min_reps,
-                                              max_seconds=s.max_seconds,
-                                              phases={key: m[0].phases for key, m in members.items()})
-                for key, (_, name, n, w) in members.items():
-                    timing, logits = results[key]
-                    kind = REFERENCE_MODEL[name]
-                    params = param_count((ParaFormer if kind == "paraformer" else ViT)(
-                        self.model_cfg(n), seed=seed))
-                    row = _row(name, n, w, batch, self.cfg, params, timing, devices=self.devices,
-                               logits=logits, truth=self.truth(kind, n, batch))
-                    self.pairs.append(row)
-                    print(f"depth pair {name:22s} N={n} W={w} B={batch:<3d} p50 {row['p50_ms']:9.3f} ms",
-                          file=sys.stderr, flush=True)
+                    members[f"vit-{n}"] = (self.vit(n), n, 1)
+            # the serial ViT has as many parameters as the Para-Former of its blocks
+            params = {n: param_count(ParaFormer(self.model_cfg(n))) for n in (1, 2)}
+            self.record_interleaved(members, params, pair=True)
         finally:
             for system, *_ in members.values():
                 system.close()
@@ -257,11 +236,11 @@ class Sweep:
         self.skipped.append({"system": system, "N": n, "W": w, "reason": reason})
         print(f"{system:22s} N={n:<3d} W={w:<2d} SKIPPED: {reason}", file=sys.stderr, flush=True)
 
-    def _cpu_point(self, n: int, ws: list[int], pools: dict, seed: int) -> None:
+    def _cpu_point(self, n: int, ws: list[int], pools: dict) -> None:
         """N branches with each W in ws: layerpar (both transports), reference-threads and the serial
         ViT measured in one round-robin, then the pipeline (its own processes) per W."""
         systems = self.s.systems
-        local = ParaFormer(self.model_cfg(n), seed=seed).eval()
+        local = ParaFormer(self.model_cfg(n), seed=self.seed).eval()
         params = param_count(local)
         engines = [(t, w) for w in ws for t in ("collective", "object_store")
                    if f"layerpar-{t}" in systems]
@@ -280,30 +259,28 @@ class Sweep:
             if "reference-threads" in systems:
                 group += [(ReferenceThreads(local, workers=w), w) for w in ws]
             if "vit-1dev" in systems and min(self.s.workers) in ws:
-                group.append((ModelSystem("vit-1dev", ViT(self.model_cfg(n), seed=seed),
-                                          torch.device("cpu")), 1))
-            self.record_interleaved(group, n, params)
+                group.append((self.vit(n), 1))
+            self.record_interleaved({f"{m.name}@{w}": (m, n, w) for m, w in group}, {n: params})
         finally:
             for system, _ in group:
                 system.close()
         for w in ws:
             if pools.get(w) is not None and n * self.cfg.model.branch_depth >= w:
-                self._pipeline_point(pools[w], n, w, params, seed)
+                self._pipeline_point(pools[w], n, w, params)
 
-    def _pipeline_point(self, pool, n: int, w: int, params: int, seed: int) -> None:
+    def _pipeline_point(self, pool, n: int, w: int, params: int) -> None:
+        model = dataclasses.asdict(self.model_cfg(n))
         for batch in self.s.batches:
-            system = PipelineSystem(pool, self.model_cfg(n), seed=seed,
-                                    micro_batches=micro_batches_for(batch, w))
+            micro_batches = micro_batches_for(batch, w)
             try:
-                logits, samples = system.run_timed(
-                    self.inputs[batch], warmup=self.s.warmup, reps=self.s.reps,
-                    min_reps=self.s.min_reps, max_seconds=self.s.max_seconds)
+                logits, samples = pool.run(model, seed=self.seed, x=self.inputs[batch],
+                                           micro_batches=micro_batches, **self._timing_args())
             except RuntimeError as exc:
                 self.skip("vit-pipeline", n, w, exc)
                 continue
             timing = summarize(samples, warmup=self.s.warmup)
             self._add("vit-pipeline", n, w, batch, params, timing, logits)
-            self.rows[-1]["micro_batches"] = system.micro_batches
+            self.rows[-1]["micro_batches"] = micro_batches
 
 
 def start_ray(address: str | None, settings: BenchSettings) -> bool:

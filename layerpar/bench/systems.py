@@ -19,7 +19,6 @@ Ray is imported only inside LayerparSystem: the GPU preset runs where Ray is not
 
 from __future__ import annotations
 
-import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -27,13 +26,10 @@ import torch
 from layerpar.config import Config
 from layerpar.model import ParaFormer
 
-SYSTEMS = ("layerpar-collective", "layerpar-object_store", "reference-threads", "vit-1dev",
-           "vit-pipeline", "paraformer-1gpu", "vit-1gpu", "paraformer-1gpu-graph", "vit-1gpu-graph")
-# Which single-process model each system's logits must equal.
-REFERENCE_MODEL = {"layerpar-collective": "paraformer", "layerpar-object_store": "paraformer",
-                   "reference-threads": "paraformer", "paraformer-1gpu": "paraformer",
-                   "vit-1dev": "vit", "vit-pipeline": "vit", "vit-1gpu": "vit",
-                   "paraformer-1gpu-graph": "paraformer", "vit-1gpu-graph": "vit"}
+
+def reference_model(system: str) -> str:
+    """Which single-process model a system's logits must equal: `vit` or `paraformer`."""
+    return "vit" if system.startswith("vit-") else "paraformer"
 
 
 def param_count(module: torch.nn.Module) -> int:
@@ -150,22 +146,6 @@ class CudaGraphSystem(System):
             self.static_x.copy_(x, non_blocking=True)
         self.graph.replay()
         return self.static_out
-
-
-class PipelineSystem(System):
-    """The serial ViT over a PipelinePool: latencies are timed inside the pipeline's processes."""
-
-    name = "vit-pipeline"
-
-    def __init__(self, pool, model_cfg, *, seed: int, micro_batches: int):
-        self.pool, self.model_cfg, self.seed = pool, model_cfg, seed
-        self.micro_batches = micro_batches
-
-    def run_timed(self, x: torch.Tensor, *, warmup: int, reps: int, min_reps: int,
-                  max_seconds: float) -> tuple[torch.Tensor, list[float]]:
-        return self.pool.run(dataclasses.asdict(self.model_cfg), seed=self.seed, x=x,
-                             micro_batches=self.micro_batches, warmup=warmup, reps=reps,
-                             min_reps=min_reps, max_seconds=max_seconds)
 
 
 def micro_batches_for(batch: int, workers: int) -> int:

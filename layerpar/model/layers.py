@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,10 +11,16 @@ from torch import nn
 
 def seeded(seed: int, *tags: int) -> torch.Generator:
     """A CPU generator for one named piece of the model, so any process can build exactly that piece
-    (branch 5 on worker 2 gets the same weights as branch 5 in a single process)."""
-    g = torch.Generator()
-    g.manual_seed(hash((seed,) + tags) & 0x7FFF_FFFF_FFFF)
-    return g
+    (branch 5 on worker 2 gets the same weights as branch 5 in a single process).
+
+    The generator's seed is an 8-byte blake2b digest (read little-endian, shifted right by one: 63
+    bits) of the canonical encoding b"layerpar.seeded:" + the ASCII decimals "seed,tag1,tag2,...".
+    It depends only on (seed, *tags), never on Python's hash(), the process, the platform or the
+    Python version, and any change in any part gives an unrelated stream.
+    """
+    text = ",".join(str(int(part)) for part in (seed, *tags))
+    digest = hashlib.blake2b(b"layerpar.seeded:" + text.encode("ascii"), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
 def torch_dtype(cfg) -> torch.dtype:
