@@ -168,8 +168,9 @@ def fit(cfg, run_dir: Path, *, start_from: Path | None, bpe: int, initial: int =
     log = ProgressLog.remote()
     watcher = Watcher(log, run_dir / "metrics.jsonl", bar, say)
     watcher.bar_per_epoch = bpe
+    # epochs without a checkpoint are reported only to a listener (Tune): see layerpar.train.spmd
     config = {"cfg": cfg.to_dict(), "start": str(start_from) if start_from else None, "progress": log,
-              "chaos": _chaos_spec()}
+              "report_epochs": bool(callbacks), "chaos": _chaos_spec()}
     say(f"run {run_dir}: {TRAINER}, {cfg.parallel.workers} workers, storage {storage}")
     watcher.start()
     try:

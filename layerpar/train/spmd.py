@@ -11,6 +11,12 @@ an all_gather on gloo, an all_reduce on NCCL) cross the process group per optimi
 is evaluated inside the loop; checkpoints are written by every rank (shard_checkpoint.py) and reported with
 ray.train.report, and after a lost worker Ray Train restarts the group, which resumes from
 ray.train.get_checkpoint() exactly where that checkpoint left off.
+
+What is reported: every checkpoint and the final result; an epoch without a checkpoint only when a
+listener asked for it (config["report_epochs"]: Tune's TuneReportCallback). The driver needs none of
+them -- metrics.jsonl and the progress bar come from the ProgressLog actor -- and each costs up to
+RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s): Ray Train v2's controller takes one report per rank per poll
+and a rank's result queue holds one, so a rank reporting more often than it polls waits for it.
 """
 
 from __future__ import annotations
@@ -107,15 +113,24 @@ def _chaos(config: dict, rank: int, epoch: int, restored: bool, progress) -> Non
 
 
 class _Clock:
-    """Per-rank step-time phases: data (batch and augmentation), collectives, compute (the rest)."""
+    """Per-rank step-time phases: data (batch and augmentation), collectives, compute (the rest); and
+    the training time outside the steps, in seconds: per-epoch validation, checkpoints, reports."""
 
     def __init__(self, comm: TimedComm) -> None:
         self.comm, self.data, self.step, self.coll, self.steps = comm, 0.0, 0.0, 0.0, 0
+        self.outside = {"eval_s": 0.0, "checkpoint_s": 0.0, "report_s": 0.0}
+
+    def add(self, phase: str, since: float) -> float:
+        """Add the time since `since` to an outside phase; returns now."""
+        now = time.perf_counter()
+        self.outside[phase] += now - since
+        return now
 
     def phases(self) -> dict:
         n, coll = max(1, self.steps), self.coll
         return {"steps": self.steps, "data_ms": 1e3 * self.data / n, "collectives_ms": 1e3 * coll / n,
-                "compute_ms": 1e3 * max(0.0, self.step - coll) / n, "step_ms": 1e3 * self.step / n}
+                "compute_ms": 1e3 * max(0.0, self.step - coll) / n, "step_ms": 1e3 * self.step / n,
+                **{k: round(v, 3) for k, v in self.outside.items()}}
 
 
 def _train_epoch(shard, split, cfg, *, epoch: int, skip: int, clock: _Clock, progress, state: dict,
@@ -175,20 +190,25 @@ def _start(cfg, config: dict, rank: int):
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's per-worker function. config: cfg (Config dict), start (a checkpoint path or
-    None), progress (the driver's ProgressLog actor or None), chaos (tests only)."""
+    None), progress (the driver's ProgressLog actor or None), report_epochs (also report the epochs
+    without a checkpoint), chaos (tests only)."""
     run = _Run(config)
-    t = run.cfg.train
+    t, clock = run.cfg.train, run.clock
     for epoch in range(run.start_epoch, t.epochs):
         record, stopped, over = run.epoch(epoch)
         finished = epoch + 1 == t.epochs
-        checkpoint = None
-        if stopped or finished or over or (epoch + 1) % t.checkpoint_every == 0:
-            checkpoint = run.save(record)
+        checkpoint, t0 = None, time.perf_counter()
+        save = stopped or finished or over or (epoch + 1) % t.checkpoint_every == 0
+        if save:
+            checkpoint = run.save(record)  # the ray.train.Checkpoint on rank 0, None elsewhere
+            t0 = clock.add("checkpoint_s", t0)
         if run.progress is not None and run.rank == 0:
             run.progress.push.remote({"kind": "epoch", "record": record})
-        ray.train.report({"kind": "epoch", **record}, checkpoint=checkpoint,
-                         checkpoint_dir_name=step_dir_name(run.shard.step),
-                         checkpoint_upload_fn=lambda ck, _name: ck)  # written in place already
+        if save or config.get("report_epochs"):  # the same on every rank: they report together
+            ray.train.report({"kind": "epoch", **record}, checkpoint=checkpoint,
+                             checkpoint_dir_name=step_dir_name(run.shard.step),
+                             checkpoint_upload_fn=lambda ck, _name: ck)  # written in place already
+            clock.add("report_s", t0)
         _chaos(config, run.rank, record["epoch"], run.where is not None, run.progress)
         if stopped or over:
             run.stopped_early = stopped or not finished
@@ -231,12 +251,15 @@ class _Run:
                                         clock=self.clock, progress=self.progress, state=self.state,
                                         deadline=self.t_train + budget_s if budget_s else None)
         stopped, self.skip = done < self.bpe, 0
+        t_eval = time.perf_counter()
         self.val = val = evaluate(self.evaluator, self.splits.val, self.eval_bs)
+        self.clock.add("eval_s", t_eval)
         elapsed = time.perf_counter() - self.t_train
         record = epoch_record(epoch=epoch, step=self.shard.step, losses=losses, val=val, lr=lr,
                               seconds=time.perf_counter() - t_epoch, done=done, stopped=stopped,
                               train_seconds=self.prior + elapsed)
-        return record, stopped, bool(budget_s) and elapsed > budget_s
+        # agreed: rank clocks disagree, and every rank must take the same save and report decision
+        return record, stopped, bool(budget_s) and self.comm.any_true(elapsed > budget_s)
 
     def save(self, record: dict):
         """Every rank writes its pieces; rank 0 gets the ray.train.Checkpoint to report."""

@@ -52,6 +52,8 @@ def test_run_reports_what_the_single_process_does(clean, tmp_path):
     assert clean["checkpoint"] == str(run_dir / "checkpoints" / "step_0000033")
     assert len(clean["phases"]) == 2
     assert {"compute_ms", "collectives_ms", "data_ms"} <= set(clean["phases"][1])
+    # the training time outside the steps: validation, checkpoints (every epoch here), their reports
+    assert all(p["eval_s"] > 0 and p["checkpoint_s"] > 0 and p["report_s"] >= 0 for p in clean["phases"])
     assert clean["total_seconds"] >= clean["train_seconds"] > 0
     assert len(clean["worker_nodes"]) == 2 and all(clean["worker_nodes"])
 
