@@ -120,8 +120,10 @@ def kill_phase(proc, address: str, metrics_url: str, x, requests: int) -> dict:
         time.sleep(0.5)
         window["kill"] = time.monotonic()
         os.kill(pids[-1], signal.SIGKILL)
-        time.sleep(0.5)  # the probe sees the loss within serve.health_interval_s
-        while not replicas_whole(metrics_url):
+        end = time.monotonic() + 60
+        while replicas_whole(metrics_url) and time.monotonic() < end:  # until the loss is seen
+            time.sleep(0.02)
+        while not replicas_whole(metrics_url):  # and until the group is back
             time.sleep(0.05)
         window["whole"] = time.monotonic()
 

@@ -57,8 +57,8 @@ def _not_waiting(rec) -> None:
 
 class Engine:
     def __init__(self, cfg: Config, *, total_steps: int = 0, checkpoint: str | None = None,
-                 node_ip: str | None = None):
-        """node_ip: place every worker on that node (a replica set spreading its groups)."""
+                 node_id: str | None = None):
+        """node_id: place every worker on that node (a replica set spreading its groups)."""
         if cfg.parallel.workers < 1:
             raise ValueError("Engine needs parallel.workers >= 1; use LocalBackend for a single process")
         if cfg.model.kind != "paraformer":
@@ -70,7 +70,7 @@ class Engine:
         self._owns_ray = connect(cfg)
         self.group = None
         try:
-            self.group = WorkerGroup(cfg, total_steps=total_steps, node_ip=node_ip)
+            self.group = WorkerGroup(cfg, total_steps=total_steps, node_id=node_id)
             self.layout, self.transport = self.group.layout, self.group.transport
             self.faults, self.head = Faults(self.group), HeadCopy(cfg)
             self.group.start()

@@ -35,9 +35,9 @@ def kill(handle) -> None:
 
 
 class WorkerGroup:
-    def __init__(self, cfg: Config, *, total_steps: int = 0, node_ip: str | None = None):
+    def __init__(self, cfg: Config, *, total_steps: int = 0, node_id: str | None = None):
         p = cfg.parallel
-        self.cfg, self.total_steps, self.node_ip = cfg, total_steps, node_ip
+        self.cfg, self.total_steps, self.node_id = cfg, total_steps, node_id
         self.layout = BranchLayout(cfg.model.num_branches, p.workers)
         self.collective = p.transport == "collective"
         self.timeout_s = p.timeout_s  # training, loads, state reads, the gloo group
@@ -56,7 +56,7 @@ class WorkerGroup:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        self._pg = place_workers(self.cfg.parallel, self.node_ip)
+        self._pg = place_workers(self.cfg.parallel, self.node_id)
         self.workers = [self.new_worker(rank) for rank in range(self.layout.num_workers)]
         self.refresh_placement()
         self.form()

@@ -7,6 +7,8 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+NODE_ID_LABEL = "ray.io/node-id"  # every Ray node carries it
+
 
 class PlacementError(RuntimeError):
     """The cluster cannot place the requested workers."""
@@ -19,13 +21,13 @@ def worker_bundle(pcfg) -> dict[str, float]:
     return bundle
 
 
-def place_workers(pcfg, node_ip: str | None = None) -> PlacementGroup:
+def place_workers(pcfg, node_id: str | None = None) -> PlacementGroup:
     """Reserve one bundle per worker; raise PlacementError within parallel.placement_timeout_s.
-    node_ip: every bundle on that node (a replica group sent to its own node)."""
+    node_id: every bundle on that node (a replica group sent to its own node; Ray's node-id label)."""
     bundle = worker_bundle(pcfg)
-    if node_ip is not None:
-        bundle[f"node:{node_ip}"] = 0.001  # every Ray node has this resource: a pin, not a reservation
-    pg = placement_group([dict(bundle) for _ in range(pcfg.workers)], strategy=pcfg.placement)
+    pin = [{NODE_ID_LABEL: node_id} for _ in range(pcfg.workers)] if node_id is not None else None
+    pg = placement_group([dict(bundle) for _ in range(pcfg.workers)], strategy=pcfg.placement,
+                         bundle_label_selector=pin)
     ready, _ = ray.wait([pg.ready()], timeout=pcfg.placement_timeout_s)
     if not ready:
         remove_placement_group(pg)
@@ -60,8 +62,8 @@ def replica_nodes(pcfg, replicas: int) -> list[str | None]:
     if replicas < 2 or pcfg.placement not in ("PACK", "STRICT_PACK"):
         return [None] * replicas
     need = {k: v * pcfg.workers for k, v in worker_bundle(pcfg).items()}
-    fits = sorted({n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")
-                   and all(n.get("Resources", {}).get(k, 0.0) >= v for k, v in need.items())})
-    if len(fits) < 2:  # one machine (fake multi-node clusters share one address too)
+    fits = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive")
+                  and all(n.get("Resources", {}).get(k, 0.0) >= v for k, v in need.items()))
+    if len(fits) < 2:
         return [None] * replicas
     return [fits[r % len(fits)] for r in range(replicas)]

@@ -6,7 +6,8 @@
 
 A cluster with more devices than branches serves with more groups, not larger ones: each group is a
 whole model (R x W bundles; every group placed by parallel.placement, the groups pinned to different
-nodes when the cluster has several that fit one: runtime/placement.py `replica_nodes`). A call goes
+nodes when the cluster has several that fit one, through Ray's node-id label: runtime/placement.py
+`replica_nodes`). A call goes
 to the least-busy group that is whole (no recovery running), and fails over to the next one when its
 group loses a worker mid-call: a group that recovers is out of rotation while the others answer, so a
 SIGKILL costs the requests no wait for the recovery. Only when no group is whole does a call take its
@@ -49,7 +50,7 @@ class ReplicaSet:
         self.replicas: list[Engine] = []
         try:
             nodes = replica_nodes(cfg.parallel, r)
-            self.replicas = self._each(lambda i: Engine(cfg, total_steps=total_steps, node_ip=nodes[i]),
+            self.replicas = self._each(lambda i: Engine(cfg, total_steps=total_steps, node_id=nodes[i]),
                                        range(r), keep=True)
             if checkpoint is not None:
                 self.load(checkpoint)

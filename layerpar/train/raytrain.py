@@ -14,6 +14,7 @@ metrics.jsonl, and builds the result from rank 0's final report.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -159,6 +160,8 @@ def fit(cfg, run_dir: Path, *, start_from: Path | None, bpe: int, initial: int =
 
     from layerpar.parallel.cluster import connect
 
+    # The Ray dashboard's Train view lists a run only when its driver tracks the run's state.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     owns_ray = connect(cfg)
     storage = resolve_storage(cfg, run_dir)
     fs, root = open_storage(storage)

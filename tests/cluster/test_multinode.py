@@ -3,7 +3,8 @@ nodes on 127.0.0.1, each its own raylet with 1 CPU, from Ray's multi-node test u
 
 - parallel.placement=STRICT_SPREAD puts the 3 branch workers on 3 distinct nodes, and the trained
   model equals the single-process run's (same seed, same data): same test accuracy, same weights;
-- STRICT_PACK puts all 3 on one node.
+- STRICT_PACK puts all 3 on one node;
+- three serving replica groups (parallel.replicas) land on three distinct nodes and answer alike.
 
     .venv/bin/python -m pytest -q tests/cluster/test_multinode.py
 """
@@ -120,3 +121,29 @@ def test_strict_pack_puts_all_workers_on_one_node(three_nodes, single_process_ru
     assert len(set(summary["worker_nodes"])) == 1
     assert summary["worker_nodes"][0] in three_nodes["nodes"].values()
     _assert_same_model(summary, single_process_run)
+
+
+REPLICAS_DRIVER = """
+import json, sys, torch
+from layerpar.config import load_config
+from layerpar.runtime.replicas import ReplicaSet
+from layerpar.train.local import LocalBackend
+cfg = load_config("tiny", ["parallel.workers=1", "parallel.replicas=3", "parallel.cpus_per_worker=0.3",
+                           "parallel.placement=PACK", "parallel.address=" + sys.argv[1]])
+x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+want = LocalBackend(load_config("tiny")).infer(x)
+with ReplicaSet(cfg) as rs:
+    diffs = [float((rs.infer(x) - want).abs().max()) for _ in range(6)]
+    print(json.dumps({"nodes": rs.info()["nodes"], "calls": rs.calls, "max_diff": max(diffs)}))
+"""
+
+
+def test_replica_groups_spread_over_the_nodes(three_nodes):
+    # 3 groups of one 0.3-CPU worker would all fit one node: PACK alone may stack them; the replica
+    # set pins each group to its own node, and every group answers like the single process
+    out = run([sys.executable, "-c", REPLICAS_DRIVER, three_nodes["address"]], env=three_nodes["env"],
+              timeout_s=180)
+    assert out.returncode == 0, tail(out.stdout)
+    got = last_json(out.stdout)
+    assert sorted(got["nodes"]) == sorted(three_nodes["nodes"].values()), got
+    assert all(c >= 1 for c in got["calls"]) and got["max_diff"] < 1e-5, got

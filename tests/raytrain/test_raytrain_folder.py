@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import ray
 
 from layerpar.train.checkpoint import load_checkpoint
 from layerpar.train.loop import run_training
@@ -30,3 +31,8 @@ def test_image_folder_run_on_two_ranks(local_ray, tmp_path):
     assert load_checkpoint(got["checkpoint"]).epoch == 4
     assert got["test_accuracy"] >= 0.6  # 3 classes: chance is 1/3
     assert got["prefix_accuracy"] == one["prefix_accuracy"]
+    # what the Ray dashboard's Train view reads (its /api/train/v2/runs/v1 asks this state actor)
+    from ray.train.v2._internal.state.state_actor import get_state_actor
+
+    runs = ray.get(get_state_actor().get_train_runs.remote())
+    assert any(r.name == "ranks" for r in runs.values()), [r.name for r in runs.values()]
