@@ -44,7 +44,7 @@ class ReplicaSet:
             raise ValueError("a ReplicaSet needs parallel.replicas >= 1 and parallel.workers >= 1")
         self.cfg, self.concurrency = cfg, r
         self._owns_ray = connect(cfg)
-        self._lock = threading.Condition()
+        self._lock = threading.Lock()
         self.busy = [0] * r  # calls in flight per group
         self.calls = [0] * r  # calls answered per group
         self.replicas: list[Engine] = []
@@ -85,35 +85,31 @@ class ReplicaSet:
             self.busy[i] += 1
             return i
 
-    def _done(self, i: int, answered: bool) -> None:
-        with self._lock:
-            self.busy[i] -= 1
-            self.calls[i] += answered
+    def _on(self, i: int, fn: Callable[[Engine, bool], T], wait: bool) -> tuple[T, int]:
+        """fn(engine i, wait), counted in flight (the caller counted it in) and answered."""
+        answered = False
+        try:
+            out = fn(self.replicas[i], wait)
+            answered = True
+            return out, i
+        finally:
+            with self._lock:
+                self.busy[i] -= 1
+                self.calls[i] += answered
 
     def _route(self, fn: Callable[[Engine, bool], T]) -> tuple[T, int]:
         """fn(engine, wait) on a whole group (wait=False: a recovering group raises, the call moves
         on); when none is whole, on the first group with wait=True (its own policy)."""
         tried: set[int] = set()
         while (i := self._pick(tried)) is not None:
-            answered = False
             try:
-                out = fn(self.replicas[i], False)
-                answered = True
-                return out, i
+                return self._on(i, fn, wait=False)
             except WorkerError as exc:
                 log.warning("replica %d failed a call, trying another: %s", i, exc)
                 tried.add(i)
-            finally:
-                self._done(i, answered)
         with self._lock:
             self.busy[0] += 1
-        answered = False
-        try:
-            out = fn(self.replicas[0], True)
-            answered = True
-            return out, 0
-        finally:
-            self._done(0, answered)
+        return self._on(0, fn, wait=True)
 
     # ------------------------------------------------------------------ Backend protocol
 
