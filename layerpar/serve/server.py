@@ -9,7 +9,8 @@ Services: layerpar.v1.Inference (Predict, ModelInfo), grpc.health.v1.Health (SER
 backend reports every worker up, or for replica groups (parallel.replicas) while one group is whole;
 NOT_SERVING while draining or degraded below serve.min_live_fraction) and server reflection. The
 batcher runs one batch per replica group at once, dispatching on idle; with serve.latency_slo_ms a
-batch may be answered by a prefix of the branches (serve/slo.py; the reply's branches_used says so). Metrics: Prometheus text on <serve.metrics_host>:<serve.metrics_port>/metrics
+batch may be answered by a prefix of the branches (serve/slo.py; the reply's branches_used says so).
+Metrics: Prometheus text on <serve.metrics_host>:<serve.metrics_port>/metrics
 (127.0.0.1 unless told otherwise). Auth (layerpar/serve/auth.py): the token comes from
 serve.token_file or LAYERPAR_SERVE_TOKEN; serve.health_auth says whether health and reflection need it.
 SIGTERM / SIGINT: health turns NOT_SERVING, new calls get UNAVAILABLE, in-flight requests finish
