@@ -274,7 +274,8 @@ def summarise(results: dict, levels: list[int], info: dict, args, extra: dict) -
            "results": results, "ratios": {}, **extra}
     for lay in layouts:
         r = results[lay]
-        ratios = {f"throughput_c{top}_over_baseline": round(r[top]["throughput_rps"] / base[top]["throughput_rps"], 2)}
+        over = r[top]["throughput_rps"] / base[top]["throughput_rps"]
+        ratios = {f"throughput_c{top}_over_baseline": round(over, 2)}
         if "1" in r:
             ratios["unloaded_p50_over_baseline"] = round(r["1"]["p50_ms"] / base["1"]["p50_ms"], 2)
             ratios[f"p99_c{top}_over_own_unloaded_p50"] = round(r[top]["p99_ms"] / r["1"]["p50_ms"], 2)

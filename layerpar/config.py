@@ -151,8 +151,10 @@ class ParallelConfig:
     workers: int = 0
     """Branch workers W (Ray actors); 0 trains and infers in this process."""
     replicas: int = 1
-    """Replica groups R for serving: R independent groups of W workers each (R x W bundles), each
-    answering whole batches; the server sends each batch to an idle, healthy replica."""
+    """Replica groups R: R groups of W workers each (R x W devices). Serving: each group answers whole
+    batches; the server sends each batch to an idle, healthy group. Training: a (replica, branch) mesh
+    of R x W Ray Train ranks; each replica trains on its share of every batch (data parallel across
+    replicas, branch parallel within one)."""
     transport: str = "collective"
     """`collective` (torch.distributed inside the worker group) or `object_store` (Ray reduces)."""
     placement: str = "PACK"

@@ -78,6 +78,9 @@ def validate(cfg: Config) -> None:
     _validate_data(cfg.data)
     _validate_train(cfg.train, cfg.model)
     _validate_parallel(cfg.parallel, cfg.model)
+    if cfg.parallel.replicas > cfg.train.batch_size:
+        raise ConfigError(f"parallel.replicas ({cfg.parallel.replicas}) must be <= train.batch_size "
+                          f"({cfg.train.batch_size}): each replica trains on its share of every batch")
     _validate_serve(cfg.serve)
 
 

@@ -70,13 +70,11 @@ PRESETS: dict[str, tuple[list[str], dict]] = {
 }
 
 
-def build_settings(preset: str, items: list[str]) -> tuple[Config, BenchSettings]:
-    """The preset's model config and sweep, with `--set` items applied on top."""
-    if preset not in PRESETS:
-        raise ConfigError(f"--preset {preset!r} is unknown; presets: {', '.join(PRESETS)}")
-    model_sets, bench = PRESETS[preset]
-    bench, overrides = dict(bench), list(model_sets)
-    names = {f.name for f in dataclasses.fields(BenchSettings)}
+def split_sets(items: list[str], settings_cls, bench: dict, overrides: list[str]
+               ) -> tuple[dict, list[str]]:
+    """`--set` items: bench.<field>=value into `bench` (a field of settings_cls), the rest appended
+    to the config `overrides`; an unknown bench key is a ConfigError listing the known ones."""
+    names = {f.name for f in dataclasses.fields(settings_cls)}
     for item in items:
         keys, value = parse_override(item)
         if keys[0] != "bench":
@@ -85,6 +83,15 @@ def build_settings(preset: str, items: list[str]) -> tuple[Config, BenchSettings
             raise ConfigError(f"unknown key {'.'.join(keys)}; bench keys: {', '.join(sorted(names))}")
         else:
             bench[keys[1]] = value
+    return bench, overrides
+
+
+def build_settings(preset: str, items: list[str]) -> tuple[Config, BenchSettings]:
+    """The preset's model config and sweep, with `--set` items applied on top."""
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset {preset!r} is unknown; presets: {', '.join(PRESETS)}")
+    model_sets, bench = PRESETS[preset]
+    bench, overrides = split_sets(items, BenchSettings, dict(bench), list(model_sets))
     cfg = load_config(None, overrides)
     if bench.get("dtype") == "bfloat16" and not any(i.startswith("bench.atol=") for i in items):
         bench["atol"] = 5e-2  # bfloat16 keeps ~3 significant digits

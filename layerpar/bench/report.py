@@ -146,14 +146,14 @@ def headline(rows: list[dict], models: dict, *, pairs: list[dict] | None = None)
     return h
 
 
-def _clean(obj):
-    """JSON-safe: NaN/inf become None, tuples become lists."""
+def json_safe(obj):
+    """JSON-safe: NaN/inf become None, tuples lists, keys strings."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
@@ -176,7 +176,7 @@ def write(rows: list[dict], *, cfg, settings: dict, preset: str, devices: int, g
     derive(pairs, settings["atol"])
     heads = headline(rows, models, pairs=pairs)
     env = environment(gpu=gpu, devices=devices, command=command, address=address, cluster=cluster)
-    result = _clean({"format": "layerpar-scale-v1", "preset": preset, "run_dir": str(run_dir),
+    result = json_safe({"format": "layerpar-scale-v1", "preset": preset, "run_dir": str(run_dir),
                      "created": dt.datetime.now().isoformat(timespec="seconds"),
                      "duration_s": round(duration_s, 1), "environment": env,
                      "model": cfg.to_dict()["model"], "settings": settings, "targets": TARGETS,
@@ -195,4 +195,4 @@ def write(rows: list[dict], *, cfg, settings: dict, preset: str, devices: int, g
                "duration_s": round(duration_s, 1)}
     summary.update({k: v for k, v in heads.items() if not isinstance(v, dict)})
     summary["pass"] = heads["pass"]
-    return _clean(summary)
+    return json_safe(summary)

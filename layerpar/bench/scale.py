@@ -44,6 +44,7 @@ from layerpar.bench.systems import (
     param_count,
     reference_model,
 )
+from layerpar.bench.train_sweep import PRESETS as TRAIN_PRESETS
 from layerpar.config import Config, ConfigError
 from layerpar.model import ParaFormer, ViT
 from layerpar.model.layers import seeded
@@ -345,7 +346,9 @@ def run(preset: str, sets: list[str], *, out_dir: str, address: str | None, comm
 def cli_main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--preset", default="default", help=f"one of {', '.join(PRESETS)}")
+    ap.add_argument("--preset", default="default",
+                    help=f"inference: one of {', '.join(PRESETS)}; training (layerpar/bench/"
+                         f"train_sweep.py): one of {', '.join(TRAIN_PRESETS)}")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="bench.<field>=value or a config override such as model.dim=256")
     ap.add_argument("--out-dir", default="runs", help="directory under which the run dir is made")
@@ -355,8 +358,13 @@ def cli_main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     command = shlex.join(["python", "launch/scale.py", *argv])
     try:
-        summary = run(args.preset, args.sets, out_dir=args.out_dir, address=args.address,
-                      command=command)
+        if args.preset in TRAIN_PRESETS:
+            from layerpar.bench.train_sweep import run as run_train
+
+            summary = run_train(args.preset, args.sets, out_dir=args.out_dir, command=command)
+        else:
+            summary = run(args.preset, args.sets, out_dir=args.out_dir, address=args.address,
+                          command=command)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         print(json.dumps({"error": str(exc)}))

@@ -75,7 +75,8 @@ def connect(cfg: Config, *, min_cpus: int = 0) -> bool:
     # Ray starts workers at niceness 15: the branch workers do the model's work, so they get the
     # same priority as the driver (read by the raylet when it starts).
     os.environ.setdefault("RAY_worker_niceness", "0")
-    need = max(min_cpus, math.ceil(cfg.parallel.workers * cfg.parallel.replicas * cfg.parallel.cpus_per_worker))
+    p = cfg.parallel
+    need = max(min_cpus, math.ceil(p.workers * p.replicas * p.cpus_per_worker))
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
              logging_level=logging.WARNING)
     return True

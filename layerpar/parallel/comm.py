@@ -1,27 +1,32 @@
 """Every collective of the layer-parallel runtime, each a named verb: the only file that runs
 collectives on the workers' process group. Elsewhere torch.distributed is only set up or inspected --
 parallel/process_group.py creates and destroys the group (init/new_group/destroy), runtime/recovery.py
-reads its error type -- except bench/pipeline.py, a benchmark baseline (the pipelined ViT) with its
-own process group, its own start broadcast and torch.distributed.pipelining's send/recv.
+reads its error type -- except two benchmark baselines with their own collectives: bench/pipeline.py
+(the pipelined ViT: its own process group, start broadcast and torch.distributed.pipelining's
+send/recv) and bench/ddp.py (DistributedDataParallel's bucketed gradient all-reduce).
 
 The autograd algebra of a layer-parallel Para-Former (docs/RUNTIME.md, "Training: the autograd algebra"):
 
     forward:  x is broadcast to every worker;      y = sum_w p_w        (reduce_branch_sums;
               inference: gather_branch_sums, y on rank 0 only)
     backward: dL/dy is broadcast to every worker;  dL/dx0 = sum_w dL/dx0_w
-              (sum_replicated_grads_and_owned_sq: the embedding's gradients summed over ranks)
+              (sum_grads: the embedding's gradients summed over ranks)
 
 Every worker holds the full y after the reduce and computes the same head and loss, so every worker
 already holds the full dL/dy: the backward of the reduce is the identity (broadcast_output_grad).
 Making it an all-reduce as well -- the classic trap -- would multiply every branch gradient by W.
+
+The training mesh adds a replica axis: R replicas x W branch ranks (a device_mesh of shape
+(replica, branch), process_group.new_mesh). Each replica trains on its share of every batch, with the
+loss of its rows divided by the whole batch's size, so sums over the replica axis are the gradients of
+the whole batch's mean loss (sum_grads): a branch's and the head's gradients are summed over the
+replica axis, the embedding's over the whole mesh, the squared norm over the branch axis after that.
 
 `LocalComm` is the world of one process: the same verbs, no communication. The training step in
 `layerpar.train.step` is written once against these verbs and runs unchanged in both.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -49,10 +54,28 @@ def _run(verb, *args, **kwargs):
         raise CollectiveError(f"{verb.__name__} failed: {exc}") from exc
 
 
+class Traffic:
+    """What this rank put on the wire: bytes sent and collectives joined, counted from the tensors
+    under ring algorithms (an all_gather of S bytes over n ranks sends (n-1)S, an all_reduce
+    2(n-1)S/n, a gather S from every rank but the root). bench/train_costmodel.py has the same rules."""
+
+    def __init__(self) -> None:
+        self.bytes, self.calls = 0.0, 0
+
+    def add(self, kind: str, nbytes: int, n: int, *, root: bool = False) -> None:
+        if n > 1:
+            self.calls += 1
+            self.bytes += {"all_gather": (n - 1) * nbytes, "all_reduce": 2 * (n - 1) * nbytes / n,
+                           "gather": 0 if root else nbytes}[kind]
+
+
 class LocalComm:
     """One process holds every branch: every verb is the identity."""
 
-    world_size, rank = 1, 0
+    world_size, rank, replicas, replica = 1, 0, 1, 0
+
+    def __init__(self) -> None:
+        self.traffic = Traffic()  # nothing is sent
 
     def reduce_branch_sums(self, outputs: torch.Tensor, num_branches: int | None = None) -> torch.Tensor:
         return ordered_sum(outputs)
@@ -60,14 +83,14 @@ class LocalComm:
     def gather_branch_sums(self, outputs: torch.Tensor, num_branches: int | None = None) -> torch.Tensor:
         return ordered_sum(outputs)
 
-    def sum_replicated_grads_and_owned_sq(self, params: Iterable[torch.nn.Parameter],
-                                          owned: Iterable[torch.Tensor]) -> torch.Tensor:
-        return sq_norm(list(owned))
+    def sum_grads(self, owned: list[torch.nn.Parameter], head: list[torch.nn.Parameter],
+                  embed: list[torch.nn.Parameter], loss: torch.Tensor) -> tuple[torch.Tensor, float]:
+        return sq_norm([p.grad for p in owned]), float(loss)
 
     def all_branch_rows(self, outputs: torch.Tensor) -> torch.Tensor:
         return outputs
 
-    def share_objects(self, obj) -> list:
+    def share_objects(self, obj, *, mesh: bool = False) -> list:
         return [obj]
 
     def any_true(self, flag: bool) -> bool:
@@ -103,10 +126,11 @@ class _ReduceBranchSums(torch.autograd.Function):
     Backward: broadcast_output_grad -- each worker already holds the full dL/dy."""
 
     @staticmethod
-    def forward(ctx, outputs: torch.Tensor, group, counts: list[int]) -> torch.Tensor:
+    def forward(ctx, outputs: torch.Tensor, comm: GroupComm, counts: list[int]) -> torch.Tensor:
         padded = _padded(outputs, counts)
         parts = [torch.empty_like(padded) for _ in counts]
-        _run(dist.all_gather, parts, padded, group=group)  # blocks until every rank joins
+        comm.traffic.add("all_gather", padded.nbytes, len(counts))
+        _run(dist.all_gather, parts, padded, group=comm.group)  # blocks until every rank joins
         ctx.num_own = outputs.shape[0]
         return _sum_in_branch_order(parts, counts)
 
@@ -124,17 +148,23 @@ def broadcast_output_grad(grad_y: torch.Tensor, num_own: int) -> torch.Tensor:
 
 class GroupComm:
     """The worker group of a torch.distributed process group (gloo on CPU, NCCL on GPU), or the
-    sub-group of ranks 0..r-1 that own the branches of a prefix model."""
+    sub-group of ranks 0..r-1 that own the branches of a prefix model. In a training mesh `group` is
+    this rank's branch group (its replica's W ranks) and `replica_group` the R ranks that own the same
+    branches; rank and world_size are those of the branch group."""
 
-    def __init__(self, layout, group=None) -> None:
-        self.layout, self.group = layout, group
+    def __init__(self, layout, group=None, replica_group=None) -> None:
+        self.layout, self.group, self.replica_group = layout, group, replica_group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        self.replicas = 1 if replica_group is None else dist.get_world_size(replica_group)
+        self.replica = 0 if replica_group is None else dist.get_rank(replica_group)
+        self._everyone = None if replica_group is not None else group  # the whole mesh (None: world)
+        self.traffic = Traffic()
 
     def reduce_branch_sums(self, outputs: torch.Tensor, num_branches: int | None = None) -> torch.Tensor:
         """Every worker's pooled rows of its branches below `num_branches` (K_w, B, D) -> the (B, D)
         sum over all of them, on every worker of the group."""
-        return _ReduceBranchSums.apply(outputs, self.group, self._counts(num_branches))
+        return _ReduceBranchSums.apply(outputs, self, self._counts(num_branches))
 
     def gather_branch_sums(self, outputs: torch.Tensor, num_branches: int | None = None
                            ) -> torch.Tensor | None:
@@ -144,6 +174,7 @@ class GroupComm:
         counts = self._counts(num_branches)
         padded = _padded(outputs, counts)
         parts = [torch.empty_like(padded) for _ in counts] if self.rank == 0 else None
+        self.traffic.add("gather", padded.nbytes, len(counts), root=self.rank == 0)
         _run(dist.gather, padded, parts, dst=0, group=self.group)  # global rank 0 is every group's rank 0
         return _sum_in_branch_order(parts, counts) if self.rank == 0 else None
 
@@ -152,57 +183,77 @@ class GroupComm:
         k = self.layout.num_branches if num_branches is None else num_branches
         return [sum(1 for b in self.layout.owned(r) if b < k) for r in range(self.world_size)]
 
-    def sum_replicated_grads_and_owned_sq(self, params: Iterable[torch.nn.Parameter],
-                                          owned: Iterable[torch.Tensor]) -> torch.Tensor:
-        """Sum the gradients of replicated parameters (the embedding; a missing one counts as zero) so
-        every replica steps alike, and the squared norms of every rank's own gradients, in ONE sum
-        over ranks: this rank's owned squared norm rides at the end of the flat replicated gradients
-        (a collective costs ~1 ms of latency here, its few KB nothing). Returns the sum over ranks of
-        the owned squared norms; the caller adds the replicated gradients' squared norm once (the
-        global norm the clip needs)."""
-        params = list(params)
-        owned_sq = sq_norm(list(owned))
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        # the buffer takes the gradients' dtype (the norm only sets the clip factor; a float64
-        # run stays float64); every rank must use the same dtype, which the model's dtype fixes
-        wide = grads[0].dtype if grads else torch.float64
-        device = grads[0].device if grads else _device()
-        flat = torch.cat([g.reshape(-1).to(wide) for g in grads]
-                         + [owned_sq.to(device=device, dtype=wide).reshape(1)])
-        flat = _sum_over_ranks(flat, self.group)  # blocks until every rank contributes
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype).clone()
-            offset += n
-        return flat[-1].to(torch.float64)
+    def sum_grads(self, owned: list[torch.nn.Parameter], head: list[torch.nn.Parameter],
+                  embed: list[torch.nn.Parameter], loss: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """After backward: the gradients of the whole mesh's batch, in place, in at most two sums.
+        (1) Over the replica axis (R > 1): every gradient this rank holds -- its branches', the
+        head's, the embedding's -- and the loss, in one flat buffer (replicas that own the same
+        branches hold the same set of gradients). (2) Over the branch axis (W > 1): the embedding's
+        gradients (a missing one counts as zero), with this rank's squared norm of its branch
+        gradients riding at the end (a collective costs ~1 ms of latency here, its few KB nothing).
+        The head's gradients already agree across a replica's ranks. Returns the squared norm of
+        every branch gradient of the model (the caller adds the replicated ones' once: the global
+        norm the clip needs) and the loss of the whole batch."""
+        loss_sum = float(loss)
+        if self.replicas > 1:
+            held = [p for p in [*owned, *head, *embed] if p.grad is not None]
+            grads = [p.grad for p in held]
+            flat = _flat(grads + [loss.detach()], grads[0] if grads else loss)
+            flat = _sum_over_ranks(flat, self.replica_group, self.traffic)
+            _unflat(flat, held)
+            loss_sum = float(flat[-1])
+        owned_sq = sq_norm([p.grad for p in owned])
+        if self.world_size > 1:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in embed]
+            # the buffer takes the gradients' dtype (the norm only sets the clip factor; a float64
+            # run stays float64); every rank must use the same dtype, which the model's dtype fixes
+            like = grads[0] if grads else torch.zeros((), dtype=torch.float64, device=_device())
+            flat = _sum_over_ranks(_flat(grads + [owned_sq], like), self.group, self.traffic)
+            _unflat(flat, embed)
+            owned_sq = flat[-1]
+        return owned_sq.to(torch.float64), loss_sum
 
     def all_branch_rows(self, outputs: torch.Tensor) -> torch.Tensor:
         """Evaluation: every rank's pooled rows of all its branches (K_w, B, D) -> all N rows
-        (N, B, D) in branch order, on every rank (one all_gather; no autograd)."""
+        (N, B, D) in branch order, on every rank of the branch group (one all_gather; no autograd)."""
         counts = self._counts(None)
         padded = _padded(outputs, counts)
         parts = [torch.empty_like(padded) for _ in counts]
         _run(dist.all_gather, parts, padded, group=self.group)
         return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])
 
-    def share_objects(self, obj) -> list:
-        """Every rank's small picklable object, in rank order, on every rank (checkpoint hashes,
-        per-rank timings)."""
-        out: list = [None] * self.world_size
-        _run(dist.all_gather_object, out, obj, group=self.group)
+    def share_objects(self, obj, *, mesh: bool = False) -> list:
+        """Every rank's small picklable object, in rank order, on every rank of the branch group (or
+        of the whole mesh: mesh=True) -- checkpoint hashes, per-rank timings."""
+        group = self._everyone if mesh else self.group
+        out: list = [None] * dist.get_world_size(group)
+        _run(dist.all_gather_object, out, obj, group=group)
         return out
 
     def any_true(self, flag: bool) -> bool:
-        """True on every rank if any rank's flag is true (ranks agree on stopping early)."""
+        """True on every rank of the mesh if any rank's flag is true (ranks agree on stopping early)."""
         t = torch.tensor([1.0 if flag else 0.0], device=_device())
-        return bool(_sum_over_ranks(t, self.group).item() > 0)
+        return bool(_sum_over_ranks(t, self._everyone).item() > 0)
+
+
+def _flat(tensors: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """One 1-D buffer of `like`'s dtype and device holding every tensor, in order."""
+    return torch.cat([t.reshape(-1).to(device=like.device, dtype=like.dtype) for t in tensors])
+
+
+def _unflat(flat: torch.Tensor, params: list[torch.nn.Parameter]) -> None:
+    """Set each parameter's gradient from its slice of `flat` (the inverse of _flat)."""
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype).clone()
+        offset += n
 
 
 GATHER_SUM_MAX = 1 << 20  # elements gathered in all (size x ranks) below which gloo sums by gathering
 
 
-def _sum_over_ranks(flat: torch.Tensor, group) -> torch.Tensor:
+def _sum_over_ranks(flat: torch.Tensor, group, traffic: Traffic | None = None) -> torch.Tensor:
     """The sum over the group's ranks of a 1-D tensor, the same bits on every rank. On gloo a small
     buffer is all-gathered and added in rank order: gloo's all_reduce of a few KB costs ~1.5-2.4 ms
     on two CPU ranks, an all_gather of 128 KB ~0.5 ms (docs/BENCHMARKS.md, "SPMD step"); NCCL, or a
@@ -211,8 +262,12 @@ def _sum_over_ranks(flat: torch.Tensor, group) -> torch.Tensor:
     if world == 1:
         return flat
     if dist.get_backend(group) != "gloo" or flat.numel() * world > GATHER_SUM_MAX:
+        if traffic is not None:
+            traffic.add("all_reduce", flat.nbytes, world)
         _run(dist.all_reduce, flat, group=group)
         return flat
+    if traffic is not None:
+        traffic.add("all_gather", flat.nbytes, world)
     parts = [torch.empty_like(flat) for _ in range(world)]
     _run(dist.all_gather, parts, flat, group=group)
     return ordered_sum(parts)  # rank order: the same bits on every rank

@@ -109,6 +109,24 @@ def new_prefix_groups(world_size: int) -> dict[int, object]:
     return groups
 
 
+def new_mesh(replicas: int, workers: int, device: torch.device) -> tuple[object, object]:
+    """The training mesh over the default group's R x W ranks: a torch device_mesh of shape
+    (replica, branch) -- rank g is replica g // W, branch rank g % W. Returns (branch group, replica
+    group): the W ranks of this rank's replica, and the R ranks that own the same branches. Every
+    rank must call this, in the same order."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    if world != replicas * workers:
+        raise RuntimeError(f"the process group has {world} ranks but the mesh is parallel.replicas "
+                           f"x parallel.workers = {replicas} x {workers}")
+    try:
+        mesh = init_device_mesh(device.type, (replicas, workers), mesh_dim_names=("replica", "branch"))
+    except RuntimeError as exc:
+        raise CollectiveError(f"forming the training mesh failed: {exc}") from exc
+    return mesh.get_group("branch"), mesh.get_group("replica")
+
+
 def destroy() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -114,11 +114,8 @@ def run_training(cfg, run_dir: str | Path | None = None, *, resume: str | Path |
     that already holds a checkpoint resumes from its latest.
 
     parallel.workers >= 1 runs under Ray Train (raytrain.fit; `callbacks` are its UserCallbacks, e.g.
-    Tune's); 0 trains a LocalBackend in this process."""
+    Tune's) on parallel.replicas x parallel.workers ranks; 0 trains a LocalBackend in this process."""
     t_start = time.perf_counter()
-    if cfg.parallel.replicas > 1:
-        raise ConfigError(f"parallel.replicas ({cfg.parallel.replicas}) serves with replica groups; "
-                          "training runs one group of parallel.workers ranks: set parallel.replicas=1")
     torch.manual_seed(cfg.train.seed)
     splits = load_dataset(cfg)  # data errors surface before anything is written
     start_from = resolve_checkpoint(resume) if resume is not None else None

@@ -124,7 +124,8 @@ def _trainer(cfg, run_dir: Path, storage: str, config: dict, callbacks: list | N
     resources = {"CPU": p.cpus_per_worker, **({"GPU": gpus} if gpus > 0 else {})}
     return TorchTrainer(
         train_loop_per_worker, train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=p.workers, use_gpu=gpus > 0,
+        # R replicas x W branch ranks: the (replica, branch) mesh (parallel.replicas; 1 is one group)
+        scaling_config=ScalingConfig(num_workers=p.workers * p.replicas, use_gpu=gpus > 0,
                                      resources_per_worker=resources, placement_strategy=p.placement),
         # NCCL between GPUs, gloo between CPUs; a collective waits at most parallel.timeout_s
         torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo", timeout_s=int(p.timeout_s)),
@@ -174,7 +175,10 @@ def fit(cfg, run_dir: Path, *, start_from: Path | None, bpe: int, initial: int =
     # epochs without a checkpoint are reported only to a listener (Tune): see layerpar.train.spmd
     config = {"cfg": cfg.to_dict(), "start": str(start_from) if start_from else None, "progress": log,
               "report_epochs": bool(callbacks), "chaos": _chaos_spec()}
-    say(f"run {run_dir}: {TRAINER}, {cfg.parallel.workers} workers, storage {storage}")
+    ranks = cfg.parallel.workers * cfg.parallel.replicas
+    mesh = f"{cfg.parallel.replicas} replicas x {cfg.parallel.workers} branch ranks" \
+        if cfg.parallel.replicas > 1 else f"{cfg.parallel.workers} workers"
+    say(f"run {run_dir}: {TRAINER}, {mesh}, storage {storage}")
     watcher.start()
     try:
         result = _trainer(cfg, run_dir, storage, config, callbacks).fit()
@@ -194,13 +198,13 @@ def fit(cfg, run_dir: Path, *, start_from: Path | None, bpe: int, initial: int =
     return {
         "test_accuracy": m["test_accuracy"], "test_loss": m["test_loss"], "val_accuracy": m["val_accuracy"],
         "prefix_accuracy": m["prefix_accuracy"], "train_seconds": m["train_seconds"], "params": m["params"],
-        "workers": cfg.parallel.workers,
-        "worker_nodes": [watcher.nodes.get(r) for r in range(cfg.parallel.workers)],
+        "workers": cfg.parallel.workers, "replicas": cfg.parallel.replicas,
+        "worker_nodes": [watcher.nodes.get(r) for r in range(ranks)],
         "transport": cfg.parallel.transport, "epochs": m["epochs"], "steps": m["steps"],
         "stopped_early": m["stopped_early"],
         "checkpoint": None if ckpt is None else (ckpt if ckpt == config["start"] else storage_uri(fs, ckpt)),
         "failures": len(watcher.restarts), "restarts": watcher.restarts, "trainer": TRAINER,
         "storage": storage_uri(fs, f"{root}/{run_dir.name}"), "phases": m["phases"],
-        "worker_pids": [watcher.pids.get(r, []) for r in range(cfg.parallel.workers)],
+        "worker_pids": [watcher.pids.get(r, []) for r in range(ranks)],
         **({"chaos_kills": watcher.killed} if watcher.killed else {}),
     }

@@ -40,12 +40,20 @@ class BranchShard:
 
     def attach_group(self) -> GroupComm:
         """Use a default process group someone else formed (Ray Train's TorchTrainer, torchrun) for
-        training: one comm over every rank; the inference sub-groups are not made."""
-        comm = GroupComm(self.layout, None)
-        if comm.world_size != self.layout.num_workers:
-            raise RuntimeError(f"the process group has {comm.world_size} ranks but parallel.workers is "
-                               f"{self.layout.num_workers}")
-        self.comms[self.layout.num_workers] = comm
+        training: one comm over every rank, or with parallel.replicas = R > 1 over this rank's branch
+        group of the (replica, branch) mesh; the inference sub-groups are not made."""
+        replicas, workers = self.cfg.parallel.replicas, self.layout.num_workers
+        if replicas > 1:
+            comm = GroupComm(self.layout, *process_group.new_mesh(replicas, workers, self.device))
+        else:
+            comm = GroupComm(self.layout, None)
+            if comm.world_size != workers:
+                raise RuntimeError(f"the process group has {comm.world_size} ranks but parallel.workers "
+                                   f"is {workers}")
+        if comm.rank != self.worker_rank:
+            raise RuntimeError(f"this rank owns the branches of worker {self.worker_rank} but is rank "
+                               f"{comm.rank} of its branch group")
+        self.comms[workers] = comm
         return comm
 
     def leave_group(self) -> None:
@@ -91,11 +99,17 @@ class BranchShard:
         return self.model.branch_outputs(x0, self.model.branch_ids).cpu()
 
     def train_step(self, x, y) -> dict:
+        """One batch's optimizer steps; in a training mesh (R > 1 replicas) every rank is given the
+        whole batch and trains on its replica's share of the rows (torch.tensor_split's)."""
         self.calls["train_step"] += 1
         self.model.train()
-        out = train_step(self.model, self.opt, self.comms[self.layout.num_workers],
-                         self.on_device(x), self.on_device(y), cfg=self.cfg, step=self.step,
-                         total_steps=self.total_steps)
+        comm = self.comms[self.layout.num_workers]
+        rows = None
+        if comm.replicas > 1:
+            rows = len(y)
+            x, y = (torch.tensor_split(torch.as_tensor(t), comm.replicas)[comm.replica] for t in (x, y))
+        out = train_step(self.model, self.opt, comm, self.on_device(x), self.on_device(y), cfg=self.cfg,
+                         step=self.step, total_steps=self.total_steps, batch_rows=rows)
         self.step = out["step"]
         return out
 

@@ -101,11 +101,16 @@ def _publish(fs, tmp: str, final: str) -> None:
         _fsync_dir(Path(final).parent)
 
 
+def checkpoint_path(root: str, step: int) -> str:
+    """Where save_sharded publishes the checkpoint of `step` under the run's directory `root`."""
+    return f"{root}/{CHECKPOINTS}/{step_dir_name(step)}"
+
+
 def save_sharded(fs: pafs.FileSystem, root: str, shard, comm, *, cfg, step: int, epoch: int,
                  extra: dict | None = None) -> str:
     """Called by every rank together. `root` is the run's directory on `fs` (Ray Train's experiment
     directory); returns the checkpoint's path on `fs` (the same on every rank)."""
-    final = f"{root}/{CHECKPOINTS}/{step_dir_name(step)}"
+    final = checkpoint_path(root, step)
     token = comm.share_objects(uuid.uuid4().hex[:8])[0]  # rank 0's: one staging dir for all
     tmp = f"{root}/{CHECKPOINTS}/{_TMP_PREFIX}{step_dir_name(step)}-{token}"
     replicated = comm.rank == 0  # embed and head are the same on every rank: rank 0 writes them

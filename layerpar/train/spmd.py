@@ -36,7 +36,7 @@ from layerpar.parallel.affinity import pin_rank
 from layerpar.train.checkpoint import load_checkpoint, step_dir_name
 from layerpar.train.evaluate import epoch_record, evaluate
 from layerpar.train.shard import BranchShard
-from layerpar.train.shard_checkpoint import clean_staging, save_sharded
+from layerpar.train.shard_checkpoint import checkpoint_path, clean_staging, save_sharded
 from layerpar.train.step import prefix_plan
 
 PROGRESS_EVERY_S = 0.5  # rank 0 tells the driver how far it is at most this often
@@ -52,6 +52,8 @@ class TimedComm:
 
     def __getattr__(self, name):
         verb = getattr(self._comm, name)
+        if not callable(verb):  # replicas, replica, traffic, layout
+            return verb
 
         def timed(*args, **kwargs):
             t0 = time.perf_counter()
@@ -181,7 +183,8 @@ def _start(cfg, config: dict, rank: int):
     torch.manual_seed(cfg.train.seed)
     splits = load_dataset(cfg)
     bpe = batches_per_epoch(len(splits.train), cfg.train.batch_size)
-    shard = BranchShard(cfg, worker_rank=rank, total_steps=cfg.train.epochs * bpe * len(prefix_plan(cfg)))
+    shard = BranchShard(cfg, worker_rank=rank % max(1, cfg.parallel.workers),  # its branch rank
+                        total_steps=cfg.train.epochs * bpe * len(prefix_plan(cfg)))
     comm = TimedComm(shard.attach_group())
     shard.comms[shard.layout.num_workers] = comm  # train_step's collectives go through the timer
     manifest, where = _restore(shard, config)
@@ -262,15 +265,19 @@ class _Run:
         return record, stopped, bool(budget_s) and self.comm.any_true(elapsed > budget_s)
 
     def save(self, record: dict):
-        """Every rank writes its pieces; rank 0 gets the ray.train.Checkpoint to report."""
+        """Every rank of replica 0 writes its pieces (the other replicas hold the same weights);
+        rank 0 gets the ray.train.Checkpoint to report."""
         now = time.perf_counter()
         extra = {"train_seconds": self.prior + now - self.t_train,
                  "total_seconds": float(self.extra.get("total_seconds", self.prior)) + now - self.t0}
         if "epoch_batches" in record:
             extra.update(epoch_batches=record["epoch_batches"], stopped_early=True)
         self.ckpt_epoch = record["epoch"]
-        self.ckpt_path = save_sharded(self.fs, self.root, self.shard, self.comm, cfg=self.cfg,
-                                      step=self.shard.step, epoch=self.ckpt_epoch, extra=extra)
+        if self.comm.replica == 0:
+            self.ckpt_path = save_sharded(self.fs, self.root, self.shard, self.comm, cfg=self.cfg,
+                                          step=self.shard.step, epoch=self.ckpt_epoch, extra=extra)
+        else:
+            self.ckpt_path = checkpoint_path(self.root, self.shard.step)
         return ray.train.Checkpoint(path=self.ckpt_path, filesystem=self.fs) if self.rank == 0 else None
 
     def finish(self) -> None:
@@ -279,7 +286,7 @@ class _Run:
         test = evaluate(self.evaluator, self.splits.test, self.eval_bs)
         if self.val is None:  # nothing left to train (resumed a finished run)
             self.val = evaluate(self.evaluator, self.splits.val, self.eval_bs)
-        phases = self.comm.share_objects(self.clock.phases())  # every rank's split, in rank order
+        phases = self.comm.share_objects(self.clock.phases(), mesh=True)  # every rank's, in rank order
         final = {"kind": "final", "test_accuracy": test["accuracy"], "test_loss": test["loss"],
                  "val_accuracy": self.val["accuracy"], "prefix_accuracy": test["prefix_accuracy"],
                  "train_seconds": round(train_seconds, 3), "epochs": self.ckpt_epoch,

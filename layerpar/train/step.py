@@ -36,8 +36,12 @@ def prefix_plan(cfg) -> list[int]:
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, comm, x: torch.Tensor,
-               y: torch.Tensor, *, cfg, step: int, total_steps: int) -> dict:
-    """Run every optimizer step of one batch; `step` counts optimizer steps taken before it."""
+               y: torch.Tensor, *, cfg, step: int, total_steps: int, batch_rows: int | None = None) -> dict:
+    """Run every optimizer step of one batch; `step` counts optimizer steps taken before it.
+
+    batch_rows: the whole batch's size when (x, y) is one replica's share of it (a training mesh):
+    the loss of these rows is divided by it, so the sum over replicas (comm.sum_grads) is the whole
+    batch's mean loss and its gradient. None: (x, y) is the whole batch (the mean loss)."""
     tcfg = cfg.train
     losses, lr, norm = [], 0.0, torch.zeros(())
     for k in prefix_plan(cfg):
@@ -52,22 +56,28 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, comm, x: torch.Tens
         else:
             logits = model(x)
             replicated = list(model.parameters())
-        loss = F.cross_entropy(logits, y, label_smoothing=tcfg.label_smoothing)
+        if batch_rows is None:
+            loss = F.cross_entropy(logits, y, label_smoothing=tcfg.label_smoothing)
+        else:
+            loss = F.cross_entropy(logits, y, label_smoothing=tcfg.label_smoothing,
+                                   reduction="sum") / batch_rows
         if loss.requires_grad:  # false on a worker whose branches are all frozen
             loss.backward()
         ids = set(map(id, replicated))
         owned = [p for p in model.parameters() if p.grad is not None and id(p) not in ids]
-        # one all-reduce: the embedding's gradients summed over ranks (head grads already agree),
-        # with each rank's squared norm of its own gradients riding along
-        embed = list(model.embed.parameters()) if isinstance(model, ParaFormer) else []
-        owned_sq = comm.sum_replicated_grads_and_owned_sq(embed, [p.grad for p in owned])
+        # the gradients of the whole batch (summed over replicas, the embedding's over branch ranks
+        # too), and the squared norm of every rank's own gradients: at most two sums
+        paraformer = isinstance(model, ParaFormer)
+        embed = list(model.embed.parameters()) if paraformer else []
+        head = list(model.head.parameters()) if paraformer else replicated
+        owned_sq, loss_value = comm.sum_grads(owned, head, embed, loss.detach())
         rep_sq = sq_norm([p.grad for p in replicated if p.grad is not None])
         norm = (owned_sq + rep_sq.to(owned_sq.device)).sqrt()
         if tcfg.grad_clip > 0:
             _clip(owned + [p for p in replicated if p.grad is not None], norm, tcfg.grad_clip)
         opt.step()
         step += 1
-        losses.append(loss.item())
+        losses.append(loss_value)
     out = {"loss": losses[-1], "lr": lr, "grad_norm": float(norm), "step": step}
     if len(losses) > 1:
         out["prefix_losses"] = losses[:-1]

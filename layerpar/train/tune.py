@@ -44,7 +44,8 @@ def sweep(cfg, *, lrs: list[float], weight_decays: list[float], concurrent: int 
     name = name or f"{time.strftime('%Y%m%d-%H%M%S')}-tune-{cfg.data.name}"
     sweep_dir = (Path(cfg.train.out_dir) / name).resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    owns_ray = connect(cfg, min_cpus=int(concurrent * cfg.parallel.workers * cfg.parallel.cpus_per_worker))
+    ranks = cfg.parallel.workers * cfg.parallel.replicas
+    owns_ray = connect(cfg, min_cpus=int(concurrent * ranks * cfg.parallel.cpus_per_worker))
     try:
         tuner = tune.Tuner(
             # the trial only drives (its ranks reserve their CPUs); Tune needs a non-empty bundle

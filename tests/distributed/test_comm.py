@@ -69,8 +69,9 @@ def _grads_worker(rank: int, world: int, port: int, dtype: str, out: str) -> Non
         loss = torch.nn.functional.cross_entropy(model.head(total), y)
         loss.backward()
         if name == "layerpar":
-            own = [p.grad for b in model.branch_ids for p in model.branch(b).parameters()]
-            owned_sq = comm.sum_replicated_grads_and_owned_sq(model.embed.parameters(), own)
+            own = [p for b in model.branch_ids for p in model.branch(b).parameters()]
+            owned_sq, _ = comm.sum_grads(own, list(model.head.parameters()),
+                                         list(model.embed.parameters()), loss.detach())
             rep = [p.grad for m in (model.embed, model.head) for p in m.parameters()]
             result["norm"] = (owned_sq + sq_norm(rep)).sqrt().item()
         result[name] = {k: p.grad.clone() for k, p in model.named_parameters()}

@@ -33,3 +33,16 @@ def test_a_gpu_per_rank_with_nccl_equals_the_cpu_single_process(local_ray, tmp_p
     want = final_weights(one)
     for name, value in final_weights(got).items():  # checkpoints hold CPU tensors
         torch.testing.assert_close(value, want[name], atol=GPU_ATOL, rtol=0, msg=name)
+
+
+def test_a_mesh_of_two_gpu_replicas_equals_the_cpu_single_process(local_ray, tmp_path):
+    """R = 2 replicas x W = 1 on two GPUs (NCCL cannot put two ranks on one GPU)."""
+    if torch.cuda.device_count() < 2 or local_ray.cluster_resources().get("GPU", 0) < 2:
+        pytest.skip("a mesh of GPU ranks needs 2 GPUs (NCCL allows one rank per GPU)")
+    got = run_training(tiny(*FIVE, "parallel.workers=1", "parallel.replicas=2",
+                            "parallel.gpus_per_worker=1"), tmp_path / "gpu", progress=False)
+    one = run_training(tiny(*FIVE), tmp_path / "cpu", progress=False)
+    assert (got["replicas"], got["workers"]) == (2, 1)
+    want = final_weights(one)
+    for name, value in final_weights(got).items():
+        torch.testing.assert_close(value, want[name], atol=GPU_ATOL, rtol=0, msg=name)

@@ -54,10 +54,17 @@ def test_missing_file_and_unknown_name(tmp_path):
     ("train.epochs=many", "train.epochs must be int"),
     ("train.nope=1", "unknown key train.nope"),
     ("model.dim.x=1", "dim is not a section"),
+    ("parallel.replicas=0", "parallel.replicas"),
 ])
 def test_bad_overrides(item, words):
     with pytest.raises(ConfigError, match=words):
         load_config("tiny", [item])
+
+
+def test_a_mesh_needs_rows_for_every_replica():
+    with pytest.raises(ConfigError, match=r"parallel.replicas \(4\) must be <= train.batch_size \(2\)"):
+        load_config("tiny", ["parallel.workers=1", "parallel.replicas=4", "train.batch_size=2"])
+    assert load_config("tiny", ["parallel.workers=2", "parallel.replicas=2"]).parallel.replicas == 2
 
 
 @pytest.mark.parametrize("name", ["tiny", "digits", "digits_vit", "fashion_mnist", "fashion_mnist_vit",
