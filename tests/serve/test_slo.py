@@ -147,14 +147,14 @@ def test_bad_settings_and_requests_get_one_clear_error():
     from layerpar.config import ConfigError, load_config
     from layerpar.serve.client import make_request
     from layerpar.serve.codec import BadRequest, InputSpec, decode_request
-    from layerpar.train.loop import run_training
 
     with pytest.raises(ConfigError, match="parallel.replicas .* needs parallel.workers >= 1"):
         load_config("tiny", ["parallel.replicas=2", "parallel.workers=0"])
     with pytest.raises(ConfigError, match="serve.latency_slo_ms"):
         load_config("tiny", ["serve.latency_slo_ms=-1"])
-    with pytest.raises(ConfigError, match="training runs one group"):
-        run_training(load_config("tiny", ["parallel.replicas=2", "parallel.workers=1"]), progress=False)
+    # (training with replicas is the mesh: tests/raytrain, tests/distributed/test_mesh.py)
+    with pytest.raises(ConfigError, match=r"parallel.replicas \(32\) must be <= train.batch_size"):
+        load_config("tiny", ["parallel.replicas=32", "parallel.workers=1", "train.batch_size=16"])
     spec = InputSpec.from_config(tiny_cfg())
     x = images(1, seed=0).numpy()
     assert decode_request(make_request(x, min_branches=4), spec).min_branches == 4
