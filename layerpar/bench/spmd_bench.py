@@ -21,14 +21,12 @@ def _loop(config: dict) -> None:
 
     from layerpar.config import from_dict
     from layerpar.train.shard import BranchShard
-    from layerpar.train.spmd import TimedComm, set_up_rank
+    from layerpar.train.spmd import set_up_rank
 
     cfg = from_dict(config["cfg"])
     cores = set_up_rank(cfg)
     rank = ray.train.get_context().get_world_rank()
-    shard = BranchShard(cfg, worker_rank=rank, total_steps=10**6)
-    comm = TimedComm(shard.attach_group())
-    shard.comms[shard.layout.num_workers] = comm
+    shard, comm = BranchShard.attached(cfg, global_rank=rank, total_steps=10**6)
     m, g = cfg.model, torch.Generator().manual_seed(0)
     x = torch.randn(cfg.train.batch_size, m.in_channels, m.image_size, m.image_size, generator=g)
     y = torch.randint(0, m.num_classes, (x.shape[0],), generator=g)

@@ -40,14 +40,13 @@ class MeshTrainer:
     """layerpar's training step on R replicas x W branch ranks (BranchShard.train_step)."""
 
     def __init__(self, cfg, replicas: int, workers: int, *, rank: int, total_steps: int) -> None:
-        from layerpar.train.spmd import TimedComm  # imports Ray Train: not at this module's import
-
         one = replicas * workers == 1
         c = cfg.replace(parallel={"workers": 0 if one else workers, "replicas": replicas})
-        self.shard = BranchShard(c, worker_rank=rank % workers, total_steps=total_steps)
-        # one process has no collectives to time (its LocalComm verbs are local arithmetic)
-        self.comm = self.shard.comms[1] if one else TimedComm(self.shard.attach_group())
-        self.shard.comms[workers] = self.comm
+        if one:  # no collectives to time (its LocalComm verbs are local arithmetic)
+            self.shard = BranchShard(c, worker_rank=0, total_steps=total_steps)
+            self.comm = self.shard.comms[1]
+        else:
+            self.shard, self.comm = BranchShard.attached(c, global_rank=rank, total_steps=total_steps)
         self.traffic = self.comm.traffic
 
     def train_step(self, x, y) -> dict:

@@ -194,14 +194,13 @@ class GroupComm:
         The head's gradients already agree across a replica's ranks. Returns the squared norm of
         every branch gradient of the model (the caller adds the replicated ones' once: the global
         norm the clip needs) and the loss of the whole batch."""
-        loss_sum = float(loss)
         if self.replicas > 1:
             held = [p for p in [*owned, *head, *embed] if p.grad is not None]
             grads = [p.grad for p in held]
             flat = _flat(grads + [loss.detach()], grads[0] if grads else loss)
             flat = _sum_over_ranks(flat, self.replica_group, self.traffic)
             _unflat(flat, held)
-            loss_sum = float(flat[-1])
+            loss = flat[-1]
         owned_sq = sq_norm([p.grad for p in owned])
         if self.world_size > 1:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in embed]
@@ -211,7 +210,7 @@ class GroupComm:
             flat = _sum_over_ranks(_flat(grads + [owned_sq], like), self.group, self.traffic)
             _unflat(flat, embed)
             owned_sq = flat[-1]
-        return owned_sq.to(torch.float64), loss_sum
+        return owned_sq.to(torch.float64), float(loss)
 
     def all_branch_rows(self, outputs: torch.Tensor) -> torch.Tensor:
         """Evaluation: every rank's pooled rows of all its branches (K_w, B, D) -> all N rows

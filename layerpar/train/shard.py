@@ -17,6 +17,28 @@ from layerpar.train.optim import load_optimizer_state, make_optimizer, optimizer
 from layerpar.train.step import train_step
 
 
+class TimedComm:
+    """A comm whose every verb adds its wall time (waiting for peers included) to `seconds`."""
+
+    def __init__(self, comm) -> None:
+        self._comm, self.seconds = comm, 0.0
+        self.rank, self.world_size = comm.rank, comm.world_size
+
+    def __getattr__(self, name):
+        verb = getattr(self._comm, name)
+        if not callable(verb):  # replicas, replica, traffic, layout
+            return verb
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return verb(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        return timed
+
+
 class BranchShard:
     def __init__(self, cfg: Config, *, worker_rank: int, total_steps: int = 0):
         self.cfg = cfg
@@ -55,6 +77,16 @@ class BranchShard:
                                f"{comm.rank} of its branch group")
         self.comms[workers] = comm
         return comm
+
+    @classmethod
+    def attached(cls, cfg: Config, *, global_rank: int, total_steps: int) -> tuple[BranchShard, TimedComm]:
+        """This rank's shard in a default process group someone else formed (Ray Train, torchrun):
+        it owns the branches of branch rank global_rank % W (the mesh's rank order), is attached to its
+        branch group, and its training collectives go through the returned timer."""
+        shard = cls(cfg, worker_rank=global_rank % max(1, cfg.parallel.workers), total_steps=total_steps)
+        comm = TimedComm(shard.attach_group())
+        shard.comms[shard.layout.num_workers] = comm
+        return shard, comm
 
     def leave_group(self) -> None:
         self.comms = {1: LocalComm()}

@@ -35,34 +35,12 @@ from layerpar.model.paraformer import prefix_sums
 from layerpar.parallel.affinity import pin_rank
 from layerpar.train.checkpoint import load_checkpoint, step_dir_name
 from layerpar.train.evaluate import epoch_record, evaluate
-from layerpar.train.shard import BranchShard
+from layerpar.train.shard import BranchShard, TimedComm
 from layerpar.train.shard_checkpoint import checkpoint_path, clean_staging, save_sharded
 from layerpar.train.step import prefix_plan
 
 PROGRESS_EVERY_S = 0.5  # rank 0 tells the driver how far it is at most this often
 DEADLINE_EVERY = 8  # batches between the ranks' agreement on train.max_minutes (a collective each)
-
-
-class TimedComm:
-    """A comm whose every verb adds its wall time (waiting for peers included) to `seconds`."""
-
-    def __init__(self, comm) -> None:
-        self._comm, self.seconds = comm, 0.0
-        self.rank, self.world_size = comm.rank, comm.world_size
-
-    def __getattr__(self, name):
-        verb = getattr(self._comm, name)
-        if not callable(verb):  # replicas, replica, traffic, layout
-            return verb
-
-        def timed(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return verb(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - t0
-
-        return timed
 
 
 class ShardEval:
@@ -183,10 +161,8 @@ def _start(cfg, config: dict, rank: int):
     torch.manual_seed(cfg.train.seed)
     splits = load_dataset(cfg)
     bpe = batches_per_epoch(len(splits.train), cfg.train.batch_size)
-    shard = BranchShard(cfg, worker_rank=rank % max(1, cfg.parallel.workers),  # its branch rank
-                        total_steps=cfg.train.epochs * bpe * len(prefix_plan(cfg)))
-    comm = TimedComm(shard.attach_group())
-    shard.comms[shard.layout.num_workers] = comm  # train_step's collectives go through the timer
+    shard, comm = BranchShard.attached(cfg, global_rank=rank,
+                                       total_steps=cfg.train.epochs * bpe * len(prefix_plan(cfg)))
     manifest, where = _restore(shard, config)
     return splits, bpe, shard, comm, manifest, where
 
