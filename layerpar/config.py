@@ -139,6 +139,9 @@ class TrainConfig:
     """How many recent checkpoints to keep."""
     max_failures: int = 0
     """Worker failures a distributed run survives by restarting from its last checkpoint."""
+    save_timeout_s: float = 600.0
+    """How long the ranks of a distributed run wait for rank 0 to publish a checkpoint (a slow object
+    store) before the run fails; the save's own bound, separate from parallel.timeout_s."""
     max_minutes: float = 0.0
     """Stop training after this many minutes (0 = no limit); the run still evaluates and saves."""
     frozen_branches: int = 0
@@ -207,6 +210,13 @@ class ServeConfig:
     """Latency target per request (0: off). When the full model would miss it (queueing plus compute,
     estimated from the server's recent calls), the answer comes from the largest prefix of branches
     that meets it; the reply's branches_used says which. A request's min_branches is always honoured."""
+    min_branches: int = 0
+    """The fewest branches a latency target may answer with (0: no floor; N: never a prefix). An
+    explicit num_branches in a request is honoured as asked."""
+    min_prefix_accuracy: float = 0.0
+    """With a latency target: answer only with prefixes whose validation accuracy in the run that
+    trained the checkpoint is at least this (0: no floor). The server refuses to start when no
+    prefix meets it, and serves only the full model when the run's accuracies are not known."""
     max_queue: int = 256
     """Requests waiting beyond this are refused with RESOURCE_EXHAUSTED."""
     max_request_rows: int = 256

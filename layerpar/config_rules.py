@@ -82,6 +82,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"parallel.replicas ({cfg.parallel.replicas}) must be <= train.batch_size "
                           f"({cfg.train.batch_size}): each replica trains on its share of every batch")
     _validate_serve(cfg.serve)
+    if cfg.serve.min_branches > cfg.model.num_branches:
+        raise ConfigError(f"serve.min_branches ({cfg.serve.min_branches}) must be <= model.num_branches "
+                          f"({cfg.model.num_branches})")
 
 
 def _validate_model(m: ModelConfig) -> None:
@@ -133,6 +136,8 @@ def _validate_train(t: TrainConfig, m: ModelConfig) -> None:
         )
     _at_least("train.checkpoint_every", t.checkpoint_every, 1)
     _at_least("train.keep_checkpoints", t.keep_checkpoints, 1)
+    if t.save_timeout_s <= 0:
+        raise ConfigError(f"train.save_timeout_s ({t.save_timeout_s}) must be > 0")
 
 
 def _validate_parallel(p: ParallelConfig, m: ModelConfig) -> None:
@@ -169,6 +174,9 @@ def _validate_serve(s: ServeConfig) -> None:
         _at_least(f"serve.{name}", getattr(s, name), 1)
     _at_least("serve.max_wait_ms", s.max_wait_ms, 0)
     _at_least("serve.latency_slo_ms", s.latency_slo_ms, 0)
+    _at_least("serve.min_branches", s.min_branches, 0)
+    if not 0.0 <= s.min_prefix_accuracy <= 1.0:
+        raise ConfigError(f"serve.min_prefix_accuracy ({s.min_prefix_accuracy}) must be in [0, 1]")
     _one_of("serve.degraded", s.degraded, DEGRADED)
     _one_of("serve.health_auth", s.health_auth, HEALTH_AUTH)
     _at_least("serve.retries", s.retries, 0)

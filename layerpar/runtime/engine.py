@@ -102,7 +102,7 @@ class Engine:
         return self.faults.records
 
     def health(self) -> dict:
-        return self.faults.health()
+        return {**self.faults.health(), "placement_fallbacks": self.group.placement_fallbacks}
 
     # ------------------------------------------------------------------ inference
 
@@ -116,10 +116,12 @@ class Engine:
 
     def infer_with_meta(self, x: torch.Tensor, num_branches: int | None = None, *, wait: bool = True
                         ) -> tuple[torch.Tensor, dict]:
-        """(logits, {"degraded": bool, "branches_used": [...]}). While a lost worker is being
-        recovered, serve.degraded=wait waits for it; serve.degraded=allow answers at once from the
-        surviving workers' branches (head of their sum, in branch order), marked degraded.
-        wait=False (a replica set's call): raise Recovering instead of waiting or degrading."""
+        """(logits, {"degraded": bool, "branches_used": [...], "timings": {phase: seconds}}), the
+        timings this call's own. While a lost worker is being recovered, serve.degraded=wait waits
+        for it; serve.degraded=allow answers at once from the surviving workers' branches (head of
+        their sum, in branch order), marked degraded. wait=False (a replica set's call): raise
+        Recovering instead of waiting or degrading, also when a recovery starts (or a failure seen
+        earlier awaits one) just as the call is dispatched."""
         x, k = check_input(self.cfg.model, x), prefix_size(self.cfg.model, num_branches)
         t0 = time.perf_counter()
         # one copy for every worker, and for every retry
@@ -129,17 +131,20 @@ class Engine:
             def degraded(rec):
                 out = degraded_answer(rec, self.head, self.group, ref, k)
                 if out is not None:
-                    self.last_timings = out[1].pop("timings")
+                    self.last_timings = dict(out[1]["timings"])
                 return out
 
             def call(workers):
-                logits = self._infer(workers, ref, x, k, broadcast_s)
-                return logits, {"degraded": False, "branches_used": list(range(k))}
+                logits, timings = self._infer(workers, ref, x, k, broadcast_s)
+                return logits, {"degraded": False, "branches_used": list(range(k)), "timings": timings}
 
             fallback = degraded if self.allow_degraded else None
-            return self.faults.run(call, fallback=fallback if wait else _not_waiting)
+            return self.faults.run(call, fallback=fallback if wait else _not_waiting, wait=wait)
 
-    def _infer(self, workers: list, ref, x: torch.Tensor, k: int, broadcast_s: float) -> torch.Tensor:
+    def _infer(self, workers: list, ref, x: torch.Tensor, k: int, broadcast_s: float
+               ) -> tuple[torch.Tensor, dict[str, float]]:
+        """(logits, this call's seconds per phase). The timings travel with the result: two callers
+        sharing the engine (a replica set's slots) would read each other's from `last_timings`."""
         f, g = self.faults, self.group
         if f.state is Restore.SNAPSHOT and f.snapshot is None:
             f.take_snapshot()  # first inference after training: what a restart would restore
@@ -164,11 +169,12 @@ class Engine:
                        "reduce": time.perf_counter() - t2, "head": time.perf_counter() - th}
         total_s = time.perf_counter() - t0
         worker_s = sum(timings.get(p, 0.0) for p in ("embed", "compute", "reduce", "head"))
-        self.last_timings = {**timings, "broadcast": t1 - t0, "total": total_s,
-                             "dispatch": max(0.0, total_s - (t1 - t0) - worker_s)}
+        timings = {**timings, "broadcast": t1 - t0, "total": total_s,
+                   "dispatch": max(0.0, total_s - (t1 - t0) - worker_s)}
+        self.last_timings = timings  # the latest call's, for single-caller benchmarks
         self.last_bytes = {"broadcast": x.numel() * 4, "reduce": r * self.layout.max_owned * row_bytes,
                            "result": logits.numel() * 4}
-        return logits
+        return logits, timings
 
     @property
     def available(self) -> bool:

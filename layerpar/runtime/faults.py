@@ -36,7 +36,7 @@ from pathlib import Path
 
 import ray
 
-from layerpar.runtime.errors import WorkerError
+from layerpar.runtime.errors import Recovering, WorkerError
 from layerpar.runtime.group import WorkerGroup, kill
 from layerpar.runtime.recovery import LEAVE_S, Recovery, RecoveryError, Restore, classify, leave_group
 
@@ -75,13 +75,14 @@ class Faults:
     # ------------------------------------------------------------------ calls
 
     def run(self, call: Callable[[list], object], *, retry: bool = True,
-            fallback: Callable[[Recovery], object | None] | None = None):
+            fallback: Callable[[Recovery], object | None] | None = None, wait: bool = True):
         """call(workers) under the fault policy. retry: on a WorkerError recover and try again (up to
         MAX_TRIES in all), asking `fallback(recovery)` first while a recovery runs (None: wait for
-        it). Not retried: the error is raised and the recovery starts at the next call."""
+        it). Not retried: the error is raised and the recovery starts at the next call. wait=False:
+        never wait for a recovery; raise Recovering instead (a replica set moves the call on)."""
         if not retry:
             try:
-                with self._dispatch() as workers:
+                with self._dispatch(wait) as workers:
                     return call(workers)
             except WorkerError as exc:
                 self._broken = str(exc)
@@ -94,19 +95,29 @@ class Faults:
                 if out is not None:
                     return out
             try:
-                with self._dispatch() as workers:
+                with self._dispatch(wait) as workers:
                     return call(workers)
+            except Recovering:
+                raise
             except WorkerError as exc:
                 last = exc
                 self.begin(str(exc))
         raise last
 
     @contextlib.contextmanager
-    def _dispatch(self):
+    def _dispatch(self, wait: bool = True):
         """The workers for one call, counted in flight so that a recovery starts only after it
-        ends; while a recovery runs, wait for it first."""
+        ends; while a recovery runs (or a failure seen earlier awaits one), wait for it first, or
+        with wait=False raise Recovering."""
         while True:
-            self._await_recovery()
+            if wait:
+                self._await_recovery()
+            elif (rec := self.recovering) is not None or self._broken is not None:
+                reason = rec.reason if rec is not None else self._broken
+                if rec is None:
+                    with contextlib.suppress(WorkerError):
+                        self.begin(self._broken)  # start it now: the next call finds it running
+                raise Recovering(f"the engine is recovering ({reason}); not waiting for it")
             with self._lock:
                 if self._closed:
                     raise WorkerError("the engine is shut down")
@@ -182,6 +193,7 @@ class Faults:
             t = rec.mark("leave", t)
             lost = sorted(set(rec.dead) | set(stuck))
             fresh = g.restart(lost)  # 4
+            lost = sorted(fresh)  # every rank when the group had to leave a node that is gone
             t = rec.mark("restart", t)
             self._restore(fresh)
             t = rec.mark("restore", t)

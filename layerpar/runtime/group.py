@@ -12,6 +12,7 @@ there); `get` turns a dead, silent or failed-collective worker into a WorkerErro
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 
@@ -22,9 +23,11 @@ from layerpar.parallel.comm import failed_collective
 from layerpar.parallel.layout import BranchLayout
 from layerpar.runtime.errors import WorkerError
 from layerpar.runtime.heartbeat import Heartbeat, WorkerSilent
-from layerpar.runtime.placement import bundle_strategy, place_workers, release
+from layerpar.runtime.placement import PlacementError, bundle_strategy, node_alive, place_workers, release
 from layerpar.runtime.transport import Transport
 from layerpar.runtime.worker import RemoteBranchWorker
+
+log = logging.getLogger("layerpar.runtime")
 
 
 def kill(handle) -> None:
@@ -52,14 +55,34 @@ class WorkerGroup:
         self._pg = None
         self.workers: list = []
         self.placement: list[dict] = []
+        self.placement_fallbacks = 0  # times the group left its pinned node (gone or full)
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        self._pg = place_workers(self.cfg.parallel, self.node_id)
+        self._place()
         self.workers = [self.new_worker(rank) for rank in range(self.layout.num_workers)]
         self.refresh_placement()
         self.form()
+
+    def _place(self) -> None:
+        """Reserve the group's bundles: on its pinned node while that node is alive; once it is gone
+        (or cannot fit the group in time), on any node with room, said in the log and counted in
+        `placement_fallbacks` (the server's layerpar_placement_fallbacks)."""
+        if self.node_id is not None:
+            if node_alive(self.node_id):
+                try:
+                    self._pg = place_workers(self.cfg.parallel, self.node_id)
+                    return
+                except PlacementError as exc:
+                    why = f"cannot take the group ({exc})"
+            else:
+                why = "is gone"
+            log.warning("worker group %s: its node %s %s; placing it on any node with room "
+                        "(parallel.placement %s)", self.id, self.node_id, why, self.cfg.parallel.placement)
+            self.node_id = None
+            self.placement_fallbacks += 1
+        self._pg = place_workers(self.cfg.parallel, None)
 
     def new_worker(self, rank: int):
         """Start the actor for `rank` in its own bundle (a restarted worker gets the same bundle)."""
@@ -87,8 +110,18 @@ class WorkerGroup:
 
     def restart(self, ranks: list[int]) -> dict[int, object]:
         """Kill the workers of `ranks` and start fresh ones in their bundles (answering a ping); they
-        are not installed (see install) until restored."""
+        are not installed (see install) until restored. A group whose pinned node is gone is placed
+        anew and every rank restarted (the returned dict then holds them all)."""
         fresh: dict[int, object] = {}
+        if self.node_id is not None and not node_alive(self.node_id):
+            # The pinned node is gone and its bundles with it: the whole group moves to a new
+            # placement (removing the old one ends whatever still ran in it).
+            for w in self.workers:
+                kill(w)
+            release(self._pg)
+            self._pg = None
+            self._place()
+            ranks = list(range(self.layout.num_workers))
         try:
             for rank in ranks:  # a stuck worker's collective would only end at the gloo timeout
                 kill(self.workers[rank])

@@ -42,6 +42,11 @@ def place_workers(pcfg, node_id: str | None = None) -> PlacementGroup:
     return pg
 
 
+def node_alive(node_id: str) -> bool:
+    """Whether the Ray node with this id is in the cluster and alive."""
+    return any(n.get("NodeID") == node_id and n.get("Alive") for n in ray.nodes())
+
+
 def bundle_strategy(pg: PlacementGroup, index: int) -> PlacementGroupSchedulingStrategy:
     return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index,
                                             placement_group_capture_child_tasks=True)

@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from typing import TypeVar
 
 import ray
@@ -35,6 +36,9 @@ from layerpar.runtime.placement import replica_nodes
 
 log = logging.getLogger("layerpar.runtime")
 T = TypeVar("T")
+# Longest a health probe waits for any one group: under the server's probe bound (at least 5 s), so a
+# stopped group never times the whole probe out.
+HEALTH_BOUND_S = 4.0
 
 
 class ReplicaSet:
@@ -47,6 +51,8 @@ class ReplicaSet:
         self._lock = threading.Lock()
         self.busy = [0] * r  # calls in flight per group
         self.calls = [0] * r  # calls answered per group
+        self._health_pool: ThreadPoolExecutor | None = None  # one health probe per group at once
+        self._health_pending: list[Future | None] = [None] * r
         self.replicas: list[Engine] = []
         try:
             nodes = replica_nodes(cfg.parallel, r)
@@ -121,8 +127,8 @@ class ReplicaSet:
         """(logits, {"degraded", "branches_used", "replica", "timings"}) from one group."""
 
         def call(engine: Engine, wait: bool):
-            logits, meta = engine.infer_with_meta(x, num_branches, wait=wait)
-            return logits, {**meta, "timings": dict(engine.last_timings)}
+            # the call's own timings, in its meta: two slots may share one engine (no group whole)
+            return engine.infer_with_meta(x, num_branches, wait=wait)
 
         (logits, meta), i = self._route(call)
         meta["replica"] = i
@@ -156,13 +162,42 @@ class ReplicaSet:
                 "replicas": len(self.replicas), "nodes": [n for e in self.replicas for n in e.worker_nodes()],
                 "recoveries": len(self.recoveries)}
 
-    def health(self) -> dict:
-        """Ready while at least one group is whole; per group its own engine's health."""
-        each = [e.health() for e in self.replicas]
+    def health(self, timeout_s: float | None = None) -> dict:
+        """Ready while at least one group is whole; per group its own engine's health, asked of every
+        group at once and each bounded by `timeout_s` (default HEALTH_BOUND_S): a group that does not
+        answer in time (a stopped worker: its ping waits parallel.heartbeat_s) counts as not ready
+        with no worker known alive, and the others still answer. A group's probe still running from
+        an earlier call is waited on, not asked again."""
+        bound = HEALTH_BOUND_S if timeout_s is None else timeout_s
+        with self._lock:
+            if self._health_pool is None:
+                self._health_pool = ThreadPoolExecutor(len(self.replicas),
+                                                       thread_name_prefix="layerpar-health")
+            for i, e in enumerate(self.replicas):
+                if self._health_pending[i] is None or self._health_pending[i].done():
+                    self._health_pending[i] = self._health_pool.submit(e.health)
+            pending = list(self._health_pending)
+        futures_wait(pending, timeout=bound)
+        each, late = [], []
+        for i, (e, f) in enumerate(zip(self.replicas, pending, strict=True)):
+            workers = e.layout.num_workers
+            if not f.done():
+                late.append(i)
+                each.append({"ready": False, "workers": workers, "workers_alive": 0})
+            elif f.exception() is not None:
+                log.warning("health of replica group %d failed: %s: %s", i, type(f.exception()).__name__,
+                            f.exception())
+                each.append({"ready": False, "workers": workers, "workers_alive": 0})
+            else:
+                each.append(f.result())
+        if late:
+            log.warning("health of replica group(s) %s did not answer within %.1fs (a worker stopped or "
+                        "hung?); counted not ready", late, bound)
         ready = [bool(h.get("ready")) for h in each]
         return {"ready": any(ready), "workers": sum(h["workers"] for h in each),
                 "workers_alive": sum(h["workers_alive"] for h in each), "replicas": len(each),
-                "replicas_ready": sum(ready), "replica_ready": ready,
+                "replicas_ready": sum(ready), "replica_ready": ready, "replicas_late": late,
+                "placement_fallbacks": sum(e.group.placement_fallbacks for e in self.replicas),
                 "recovering": any(h.get("recovering") for h in each)}
 
     @property
@@ -177,6 +212,9 @@ class ReplicaSet:
         return [e.worker_pids() for e in self.replicas]
 
     def shutdown(self) -> None:
+        if self._health_pool is not None:
+            self._health_pool.shutdown(wait=False, cancel_futures=True)
+            self._health_pool = None
         if self.replicas:
             self._each(lambda e: e.shutdown(), self.replicas)
             self.replicas = []

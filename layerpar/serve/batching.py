@@ -19,6 +19,7 @@ it is computed.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -30,6 +31,8 @@ import numpy as np
 import torch
 
 from layerpar.serve.slo import LatencyPlanner
+
+log = logging.getLogger("layerpar.serve")
 
 # compute(x (R, C, H, W), num_branches) -> (logits (R, classes) float32 numpy, meta dict)
 Compute = Callable[[torch.Tensor, int | None], tuple[np.ndarray, dict]]
@@ -151,7 +154,10 @@ class Batcher:
         if expired:
             self.expired += expired
             if self.on_expired:
-                self.on_expired(expired)
+                try:
+                    self.on_expired(expired)
+                except Exception:  # noqa: BLE001 - a metrics fault must not end the slot's thread
+                    log.exception("counting expired requests failed")
 
     def _take(self) -> tuple[list[Pending], int | None] | None:
         """Block until a batch is due; return it and the prefix to run (None when closing with an
@@ -184,7 +190,12 @@ class Batcher:
                     full = full or p.key == head.key
                     rest.append(p)
             self._queue = rest
-            key = self._prefix(batch, total, now) if head.key is None and self.planner else head.key
+            key = head.key
+            if head.key is None and self.planner:
+                try:
+                    key = self._prefix(batch, total, now)
+                except Exception:  # noqa: BLE001 - a planner fault must not strand the batch: full model
+                    log.exception("the latency planner failed; answering this batch with every branch")
         # From here on a caller can no longer cancel: the request will be computed and answered.
         return [p for p in batch if p.future.set_running_or_notify_cancel()], key
 
@@ -211,26 +222,43 @@ class Batcher:
                 self._run(*taken)
 
     def _run(self, batch: list[Pending], key: int | None) -> None:
+        """One engine call for `batch`; every caller's future is resolved, whatever fails (the
+        `finally`): a fault in the bookkeeping after `compute` must not leave callers hanging nor end
+        this slot's thread."""
         start = time.monotonic()
-        x = torch.from_numpy(np.concatenate([p.x for p in batch]))  # (R, C, H, W)
-        rows = x.shape[0]
         try:
+            x = torch.from_numpy(np.concatenate([p.x for p in batch]))  # (R, C, H, W)
+            rows = x.shape[0]
             logits, meta = self.compute(x, key)  # (R, classes)
+            self._account(key, rows, len(batch), time.monotonic() - start)
+            offset = 0
+            for p in batch:  # each caller gets exactly its own rows, in the order it sent them
+                out = BatchOutput(logits=logits[offset: offset + p.rows], meta=meta,
+                                  queue_s=start - p.enqueued, batch_rows=rows, batch_requests=len(batch),
+                                  num_branches=key)
+                offset += p.rows
+                p.future.set_result(out)
         except BaseException as exc:  # noqa: BLE001 - every caller must get an answer
             for p in batch:
-                p.future.set_exception(exc)
-            return
-        if self.planner is not None:
-            self.planner.observe(key or self.planner.n, rows, time.monotonic() - start)
-        with self._cond:
-            self.calls += 1
-            self.rows_computed += rows
-            self.requests_computed += len(batch)
-        if self.on_batch:
-            self.on_batch(rows, len(batch))
-        offset = 0
-        for p in batch:  # each caller gets exactly its own rows, in the order it sent them
-            out = BatchOutput(logits=logits[offset: offset + p.rows], meta=meta, queue_s=start - p.enqueued,
-                              batch_rows=rows, batch_requests=len(batch), num_branches=key)
-            offset += p.rows
-            p.future.set_result(out)
+                if not p.future.done():
+                    p.future.set_exception(exc)
+        finally:
+            for p in batch:  # the last net: nothing above may leave a caller waiting
+                if not p.future.done():
+                    p.future.set_exception(RuntimeError("the batcher failed before answering this request"))
+
+    def _account(self, key: int | None, rows: int, requests: int, seconds: float) -> None:
+        """Planner and metrics once the engine call returned; a failure here is logged, not raised
+        (the callers still get their rows)."""
+        try:
+            if self.planner is not None:
+                self.planner.observe(key or self.planner.n, rows, seconds)
+            with self._cond:
+                self.calls += 1
+                self.rows_computed += rows
+                self.requests_computed += requests
+            if self.on_batch:
+                self.on_batch(rows, requests)
+        except Exception:  # noqa: BLE001 - bookkeeping must not take the slot's thread down
+            log.exception("recording a finished batch failed (the callers were answered)")
+

@@ -106,7 +106,9 @@ class Client:
                 "workers": r.workers, "transport": r.transport, "params": r.params,
                 "checkpoint_id": r.checkpoint_id, "config": json.loads(r.config_json or "{}"),
                 "max_request_rows": r.max_request_rows, "max_batch": r.max_batch,
-                "degraded_policy": r.degraded_policy}
+                "degraded_policy": r.degraded_policy, "replicas": r.replicas,
+                "workers_per_replica": r.workers_per_replica,
+                "prefix_accuracy": [round(a, 6) for a in r.prefix_accuracy], "min_branches": r.min_branches}
 
     def health(self, service: str = "", timeout_s: float | None = None) -> str:
         """"SERVING", "NOT_SERVING", ... (raises grpc.RpcError when the server is unreachable)."""

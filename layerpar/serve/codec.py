@@ -47,10 +47,11 @@ class InputSpec:
 @dataclass(frozen=True)
 class Decoded:
     x: np.ndarray  # (B, C, H, W) float32, finite
-    num_branches: int | None  # None = all branches (also when the client asked for all N)
+    num_branches: int | None  # None = all branches, or the latency target's choice (see min_branches)
     top_k: int
     probabilities: bool
-    min_branches: int = 0  # the fewest branches a latency target may answer with (0: no demand)
+    min_branches: int = 0  # the fewest branches a latency target may answer with (0: no demand; N:
+    # the full model, also what an explicit num_branches = N becomes)
 
     @property
     def rows(self) -> int:
@@ -102,13 +103,15 @@ def decode_request(req: pb.PredictRequest, spec: InputSpec) -> Decoded:
         if k < spec.num_branches and not spec.prefix_models:
             raise BadRequest(f"num_branches ({k}): the served model is a serial ViT and has no prefix "
                              f"models; leave it unset or use {spec.num_branches}")
-        if k == spec.num_branches:
-            k = None  # the full model: batch it with requests that left num_branches unset
     least = req.min_branches if req.HasField("min_branches") else 0
     if req.HasField("min_branches") and not 1 <= least <= spec.num_branches:
         raise BadRequest(f"min_branches ({least}) must be in 1..{spec.num_branches}")
     if least and k is not None and k < least:
         raise BadRequest(f"num_branches ({k}) is below min_branches ({least}); leave one of them unset")
+    if k == spec.num_branches:
+        # The full model, exactly: batched with requests that left num_branches unset, with a floor
+        # of all N branches so that a latency target cannot answer it (or its batch) with a prefix.
+        k, least = None, spec.num_branches
     if req.top_k > spec.num_classes:
         raise BadRequest(f"top_k ({req.top_k}) must be in 0..{spec.num_classes} (the number of classes)")
     return Decoded(x=x, num_branches=k, top_k=req.top_k, probabilities=req.probabilities,

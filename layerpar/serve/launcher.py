@@ -43,8 +43,29 @@ def resolve(args) -> tuple[object, Path | None, dict]:
     for flag, key in (("host", "host"), ("port", "port"), ("metrics_port", "metrics_port")):
         if getattr(args, flag) is not None:
             serve[key] = getattr(args, flag)
-    cfg = with_overrides(cfg, args.set)
+    cfg = _with_sets(cfg, args.set)
     return (cfg.replace(serve=serve) if serve else cfg), ckpt_dir, manifest
+
+
+def _with_sets(cfg, sets: list[str]):
+    """cfg with --set applied. Replica groups from a one-process checkpoint (parallel.workers 0, the
+    README's `--set parallel.replicas=2`) get one worker per group unless --set says how many: a
+    group is a whole model, and one worker holding every branch is the smallest one."""
+    try:
+        return with_overrides(cfg, sets)
+    except ConfigError:
+        if cfg.parallel.workers != 0 or any(s.strip().startswith("parallel.workers=") for s in sets):
+            raise
+        try:
+            out = with_overrides(cfg, ["parallel.workers=1", *sets])
+        except ConfigError:
+            out = None
+        if out is None or out.parallel.replicas < 2:
+            raise
+    print(f"note: the checkpoint was trained in one process (parallel.workers 0): serving "
+          f"{out.parallel.replicas} replica groups of 1 worker (--set parallel.workers=W for more)",
+          file=sys.stderr)
+    return out
 
 
 def check_port_free(host: str, port: int, what: str) -> None:
@@ -72,13 +93,14 @@ def classes_of(manifest: dict) -> list[str] | None:
     return [str(c) for c in classes] if classes else None
 
 
-async def _serve(cfg, backend, *, classes, checkpoint_id, token) -> dict:
+async def _serve(cfg, backend, *, classes, checkpoint_id, token, prefix_accuracy=None) -> dict:
     from layerpar.serve.auth import security_warnings
     from layerpar.serve.server import InferenceServer
 
     for warning in security_warnings(cfg.serve.host, token=token, tls=bool(cfg.serve.tls_cert)):
         print(f"warning: {warning}", file=sys.stderr)
-    server = InferenceServer(cfg, backend, classes=classes, checkpoint_id=checkpoint_id, token=token or "")
+    server = InferenceServer(cfg, backend, classes=classes, checkpoint_id=checkpoint_id, token=token or "",
+                             prefix_accuracy=prefix_accuracy)
     address = await server.start()
     started = time.monotonic()
     print(f"serving layerpar.v1.Inference on {address}"
@@ -132,6 +154,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     try:
         from layerpar.runtime.backend import make_backend
         from layerpar.serve.auth import resolve_token
+        from layerpar.serve.prefixes import prefix_floor, run_prefix_accuracy
         from layerpar.train.checkpoint import CheckpointError
 
         cfg, ckpt_dir, manifest = resolve(args)
@@ -143,6 +166,12 @@ def serve_main(argv: list[str] | None = None) -> int:
             print("warning: no --checkpoint: serving freshly initialised (untrained) weights",
                   file=sys.stderr)
         checkpoint_id = f"{ckpt_dir.name}@step{manifest.get('step', '?')}" if ckpt_dir else ""
+        accuracy = run_prefix_accuracy(ckpt_dir, manifest, cfg.model.num_branches)
+        floor = prefix_floor(cfg, accuracy)  # refuses here, before Ray, when no prefix is good enough
+        for line in floor.notes:
+            print(line, file=sys.stderr)
+        for line in floor.warnings:
+            print(f"warning: {line}", file=sys.stderr)
         backend = load_weights_into(make_backend(cfg), ckpt_dir)
     except (ConfigError, CheckpointError, OSError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -150,7 +179,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary = asyncio.run(_serve(cfg, backend, classes=classes_of(manifest), checkpoint_id=checkpoint_id,
-                                     token=token))
+                                     token=token, prefix_accuracy=accuracy))
     except (OSError, RuntimeError) as exc:  # e.g. the port is taken
         summary = {"error": f"cannot serve on {cfg.serve.host}:{cfg.serve.port}: {exc}"}
         print(f"error: {summary['error']}", file=sys.stderr)

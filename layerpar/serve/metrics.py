@@ -52,6 +52,9 @@ class ServerMetrics:
                                buckets=LATENCY_BUCKETS, registry=r)
         self.workers = Gauge("layerpar_workers", "Branch workers the engine expects", registry=r)
         self.workers_alive = Gauge("layerpar_workers_alive", "Branch workers answering", registry=r)
+        self.placement_fallbacks = Gauge(
+            "layerpar_placement_fallbacks", "Times a replica group left its pinned node (gone or full) "
+            "and was placed on any node with room", registry=r)
         self.serving = Gauge("layerpar_serving", "1 while the health service says SERVING", registry=r)
         self.degraded = Counter("layerpar_degraded_responses", "Answers from the surviving branches only",
                                 registry=r)

@@ -18,6 +18,7 @@ a row are refused (the server checks each request's own rows). An overflow is no
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 
@@ -81,11 +82,15 @@ class BackendRunner:
         return phases
 
 
-def probe(backend, default_workers: int) -> dict:
+def probe(backend, default_workers: int, timeout_s: float | None = None) -> dict:
     """backend.health() when it has one (ready, workers, workers_alive, and for a replica set
-    replicas, replicas_ready, replica_ready); else a live backend."""
+    replicas, replicas_ready, replica_ready); else a live backend. timeout_s: handed to a health()
+    that takes it (a replica set bounds each group's probe by it)."""
     health = getattr(backend, "health", None)
-    h = dict(health() or {}) if callable(health) else {}
+    kwargs = {}
+    if timeout_s is not None and callable(health) and "timeout_s" in inspect.signature(health).parameters:
+        kwargs["timeout_s"] = timeout_s
+    h = dict(health(**kwargs) or {}) if callable(health) else {}
     workers = int(h.get("workers", default_workers))
     return {**h, "ready": bool(h.get("ready", True)), "workers": workers,
             "workers_alive": int(h.get("workers_alive", workers))}

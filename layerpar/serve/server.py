@@ -39,6 +39,7 @@ from layerpar.serve.batching import Batcher, DeadlineExpired, Draining, QueueFul
 from layerpar.serve.codec import BadRequest, InputSpec, decode_request, encode_response, parse_request
 from layerpar.serve.decoding import DecodeGuard
 from layerpar.serve.metrics import ServerMetrics
+from layerpar.serve.prefixes import PrefixAccuracy, prefix_floor
 from layerpar.serve.runner import BackendRunner, BackendUnavailable, probe
 from layerpar.serve.slo import LatencyPlanner
 
@@ -47,6 +48,7 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "layerpar.v1.
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 Code = grpc.StatusCode
 DRAIN_LINGER_S = 0.25
+PROBE_SHARE = 0.6  # of the health probe's bound, what the backend may spend on one group's health
 # Metrics label of each method this server has; anything else is "unknown", so that made-up method
 # names (refused for want of a token) cannot create new series without bound.
 METHOD_LABELS = {f"/{service.full_name}/{m.name}": m.name for service in (
@@ -74,9 +76,11 @@ class InferenceServer:
     """One gRPC server on the current asyncio loop; start(), then stop() (drains first)."""
 
     def __init__(self, cfg, backend, *, classes: list[str] | None = None, checkpoint_id: str = "",
-                 token: str | None = None):
+                 token: str | None = None, prefix_accuracy: PrefixAccuracy | None = None):
         """token: the bearer token calls must send; None reads serve.token_file, else the environment
-        variable LAYERPAR_SERVE_TOKEN (neither: no token)."""
+        variable LAYERPAR_SERVE_TOKEN (neither: no token). prefix_accuracy: each prefix's accuracy from
+        the checkpoint's run (serve/prefixes.py): shown in ModelInfo, and the latency target's floor
+        under serve.min_prefix_accuracy (ValueError when no prefix meets it)."""
         self.cfg, self.backend = cfg, backend
         s = cfg.serve
         self.token = token if token is not None else resolve_token(cfg.serve.token_file)
@@ -91,9 +95,12 @@ class InferenceServer:
         self.address = self.metrics_url = self.port = None
         self.batcher: Batcher | None = None
         self.planner = None
+        self.prefix_accuracy = prefix_accuracy
+        self.floor = prefix_floor(cfg, prefix_accuracy)
         if s.latency_slo_ms > 0 and self.spec.prefix_models:
             self.planner = LatencyPlanner(slo_ms=s.latency_slo_ms, num_branches=self.spec.num_branches,
-                                          work=getattr(backend, "prefix_work", None))
+                                          work=getattr(backend, "prefix_work", None),
+                                          min_branches=self.floor.k)
         self._draining = False
         self._engine_failed = False
         self._inflight = 0
@@ -187,16 +194,22 @@ class InferenceServer:
 
     async def _check_health(self) -> None:
         interval = self.cfg.serve.health_interval_s
+        bound = max(5.0, 5 * interval)
         try:
-            h = await asyncio.wait_for(
-                asyncio.get_running_loop().run_in_executor(None, probe, self.backend, self.workers),
-                timeout=max(5.0, 5 * interval))
+            # the backend's own bound (per replica group) ends well inside the probe's
+            h = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
+                None, probe, self.backend, self.workers, PROBE_SHARE * bound), timeout=bound)
+        except TimeoutError:
+            log.warning("health probe failed: the backend's health check did not answer within %.1fs "
+                        "(a worker stopped or hung?)", bound)
+            h = {"ready": False, "workers": self.workers, "workers_alive": 0}
         except Exception as exc:  # noqa: BLE001 - a probe that fails means not serving, not a crash
             log.warning("health probe failed: %s: %s", type(exc).__name__, exc)
             h = {"ready": False, "workers": self.workers, "workers_alive": 0}
         ready, workers, alive = h["ready"], h["workers"], h["workers_alive"]
         self.metrics.workers.set(workers)
         self.metrics.workers_alive.set(alive)
+        self.metrics.placement_fallbacks.set(int(h.get("placement_fallbacks", 0)))
         for i, whole in enumerate(h.get("replica_ready", ())):
             self.metrics.replica_ready.labels(replica=str(i)).set(1 if whole else 0)
         if "replicas" in h:  # replica groups: serving while one group is whole
@@ -316,7 +329,11 @@ class InferenceServer:
             workers=self.workers, transport=str(self.info.get("transport", "local")),
             params=int(self.info.get("params", 0)), checkpoint_id=self.checkpoint_id,
             config_json=json.dumps(redacted_config(self.cfg, self.port, token=bool(self.token))),
-            max_request_rows=s.max_request_rows, max_batch=s.max_batch, degraded_policy=s.degraded)
+            max_request_rows=s.max_request_rows, max_batch=s.max_batch, degraded_policy=s.degraded,
+            replicas=int(self.info.get("replicas", 1)),
+            workers_per_replica=int(self.info.get("workers_per_replica", self.workers)),
+            prefix_accuracy=self.prefix_accuracy.accuracy if self.prefix_accuracy else [],
+            min_branches=self.floor.k if self.planner is not None else self.spec.num_branches)
 
 
 class ServerThread:

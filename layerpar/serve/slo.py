@@ -18,8 +18,9 @@ been tried the fit cannot tell c from b and assumes the optimistic c = 0; the fi
 prefix shows the truth. A batch gets the largest k whose estimate, plus the server's own measured
 time around the engine call (decoding, encoding), ends before its oldest request's target; when no
 prefix fits, the cheapest allowed one answers (never a refusal for lack of time); the margin is the
-95th percentile of how far recent calls overran their estimate. A request's min_branches is a floor
-that is always honoured. The target is the server's own time (from receiving a request to answering
+95th percentile of how far recent calls overran their estimate. A request's min_branches and the
+operator's (`min_branches`: serve.min_branches / serve.min_prefix_accuracy) are floors that are
+always honoured. The target is the server's own time (from receiving a request to answering
 it); the network and the client add theirs.
 """
 
@@ -38,9 +39,11 @@ MISS_QUANTILE = 95  # the margin covers this percentile of how much calls overra
 
 
 class LatencyPlanner:
-    def __init__(self, *, slo_ms: float, num_branches: int, work: Callable[[int], float] | None = None):
+    def __init__(self, *, slo_ms: float, num_branches: int, work: Callable[[int], float] | None = None,
+                 min_branches: int = 1):
         self.slo_s = slo_ms / 1000.0
         self.n = num_branches
+        self.min_branches = max(1, min(min_branches, num_branches))  # the operator floor: serve/prefixes.py
         self.work = work or (lambda k: float(k))
         self.overhead_s = 0.0  # server time outside the engine call: decode, queue hand-off, encode
         self.miss_s = 0.0  # MISS_QUANTILE-th percentile of (seconds - estimate) over recent calls
@@ -99,7 +102,7 @@ class LatencyPlanner:
         the batch's oldest request's arrival plus the target) and after which the batches queued
         behind it (`behind`: their (deadline, rows), oldest first), run `slots` at a time at the same
         k, end before theirs too. No k fits: the cheapest allowed one."""
-        least = max(1, least)
+        least = max(self.min_branches, least)
         with self._lock:
             if len(self._calls) < MIN_CALLS:
                 return self.n
