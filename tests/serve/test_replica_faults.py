@@ -2,7 +2,7 @@
 with wait=False never waits for a recovery, each call's own timings, and a group whose pinned node is
 gone placed on any node with room.
 
-    .venv/bin/python -m pytest -q tests/serve/test_round3_replicas.py
+    .venv/bin/python -m pytest -q tests/serve/test_replica_faults.py
 """
 
 from __future__ import annotations

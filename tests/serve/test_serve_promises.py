@@ -1,8 +1,8 @@
-"""Hardening round three, serving without Ray: an explicit full-model request under a latency target,
+"""Serving promises without Ray: an explicit full-model request under a latency target,
 the batcher's safety net, the operator's prefix floor and what ModelInfo says about it, and the
 README's latency-target command on a one-process checkpoint (launch/serve.py as a real process).
 
-    .venv/bin/python -m pytest -q tests/serve/test_round3_serving.py
+    .venv/bin/python -m pytest -q tests/serve/test_serve_promises.py
 """
 
 from __future__ import annotations
