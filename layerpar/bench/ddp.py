@@ -44,17 +44,22 @@ class DDPTrainer:
     def __init__(self, cfg, *, total_steps: int, communicate: bool = True) -> None:
         self.cfg, self.total_steps, self.step, self.communicate = cfg, total_steps, 0, communicate
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
-        model = ParaFormer(cfg.model, seed=cfg.train.seed)
+        # parallel.gpus_per_worker > 0: this rank's GPU (set_up_rank made it current), NCCL's group
+        self.device = torch.device("cuda", torch.cuda.current_device()) \
+            if cfg.parallel.gpus_per_worker > 0 else torch.device("cpu")
+        model = ParaFormer(cfg.model, seed=cfg.train.seed).to(self.device)
         self.opt = make_optimizer(model, cfg.train)
         self.module = model
-        self.ddp = DistributedDataParallel(model)
+        self.ddp = DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.traffic = Traffic()
         self.ddp.register_comm_hook(None, counted_allreduce(self.traffic, self.world))
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
         t = self.cfg.train
         rows = len(y)
-        x, y = (torch.tensor_split(v, self.world)[self.rank] for v in (x, y))
+        x, y = (torch.tensor_split(v, self.world)[self.rank].to(self.device, non_blocking=True)
+                for v in (x, y))
         set_lr(self.opt, lr := lr_at(self.step, self.total_steps, t))
         self.opt.zero_grad(set_to_none=True)
         with contextlib.nullcontext() if self.communicate else self.ddp.no_sync():

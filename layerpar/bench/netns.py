@@ -195,7 +195,8 @@ class ShapedLink:
             for rank, (ns, dev) in enumerate(zip(self.namespaces, self.ifnames, strict=True)):
                 e = {**os.environ, **(env or {}), "MASTER_ADDR": self.addresses[0],
                      "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": "2",
-                     "LOCAL_RANK": "0", "GLOO_SOCKET_IFNAME": dev, "TP_SOCKET_IFNAME": dev}
+                     "LOCAL_RANK": "0", "GLOO_SOCKET_IFNAME": dev, "TP_SOCKET_IFNAME": dev,
+                     "LAYERPAR_LINK_DEV": dev}  # a rank reads its own sent bytes (egress_bytes)
                 files += [tempfile.TemporaryFile(), tempfile.TemporaryFile()]
                 with _signals_held():  # a started rank is always in self._procs
                     procs.append(subprocess.Popen(
@@ -232,6 +233,13 @@ class ShapedLink:
                     self._procs.remove(p)
             for f in files:
                 f.close()
+
+
+def egress_bytes(dev: str) -> int:
+    """Bytes the tbf qdisc on `dev` (in the caller's own namespace) has sent so far: what a rank
+    inside a ShapedLink actually put on the shaped wire, every header included."""
+    q = json.loads(_cmd("tc", "-s", "-j", "qdisc", "show", "dev", dev).stdout)
+    return int(next(d for d in q if d.get("kind") == "tbf")["bytes"])
 
 
 @atexit.register

@@ -361,7 +361,8 @@ def cli_main(argv: list[str] | None = None) -> int:
         if args.preset in TRAIN_PRESETS:
             from layerpar.bench.train_sweep import run as run_train
 
-            summary = run_train(args.preset, args.sets, out_dir=args.out_dir, command=command)
+            summary = run_train(args.preset, args.sets, out_dir=args.out_dir, command=command,
+                                address=args.address)
         else:
             summary = run(args.preset, args.sets, out_dir=args.out_dir, address=args.address,
                           command=command)

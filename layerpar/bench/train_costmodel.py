@@ -259,8 +259,17 @@ def fit_points(rows: list[dict]) -> list[int]:
     return sorted(idx)
 
 
+def shares_features(row: dict, others: list[dict], shape: ModelShape, rtol: float = 1e-3) -> dict | None:
+    """The first of `others` whose features equal row's (to rtol), e.g. DDP at D = 4 and layerpar 4x1:
+    the same compute shares, latency steps and bytes (every gradient summed over 4 replicas)."""
+    x = features(row, shape)
+    return next((o for o in others if np.allclose(features(o, shape), x, rtol=rtol, atol=0)), None)
+
+
 def fit_and_judge(rows: list[dict], shape: ModelShape, **extrapolate_kw) -> dict:
-    """Fit on the corners, judge on the rest; sets fit / predicted_ms / pred_error on each row."""
+    """Fit on the corners, judge on the rest; sets fit / predicted_ms / pred_error on each row. A point
+    whose features equal a fit point's is predicted as that fit point is: it is labelled
+    `same_features_as` and left out of the held-out set (it tests nothing the fit did not see)."""
     everything, rows = rows, [r for r in rows if r.get("step_ms")]
     train = fit_points(rows)
     model = fit([rows[i] for i in train], shape)
@@ -269,34 +278,49 @@ def fit_and_judge(rows: list[dict], shape: ModelShape, **extrapolate_kw) -> dict
     for i, r in enumerate(rows):
         r["fit"] = i in train
         r["pred_error"] = (r["predicted_ms"] - r["step_ms"]) / r["step_ms"]
-    held = [r for r in rows if not r["fit"]]
+    pt = lambda r: {"system": r["system"], "layout": layout_name(r), "D": _layout(r)[2]}  # noqa: E731
+    name = lambda p: f"{p['layout']}@D{p['D']}"  # noqa: E731
+    fitted = [rows[i] for i in train]
+    held, same = [], []
+    for r in (r for r in rows if not r["fit"]):
+        twin = shares_features(r, fitted, shape)
+        if twin is not None:
+            r["same_features_as"] = name(pt(twin))
+            same.append({**pt(r), "same_features_as": r["same_features_as"]})
+        else:
+            held.append(r)
     # each multi-rank point from a model fitted on all the others (the one-process points fix the
     # compute terms exactly: without one of them they are not determined)
     multi = [i for i, r in enumerate(rows) if _layout(r)[2] > 1]
     loo = max(abs(fit(rows[:i] + rows[i + 1:], shape).predict(rows[i], shape) / rows[i]["step_ms"] - 1)
               for i in multi) if len(multi) >= 2 else None
-    pt = lambda r: {"system": r["system"], "layout": layout_name(r), "D": _layout(r)[2]}  # noqa: E731
+    errors = {"fit": max((abs(r["pred_error"]) for r in rows if r["fit"]), default=None),
+              "held_out": max((abs(r["pred_error"]) for r in held), default=None), "loo": loo}
+    # the error a 64-device pick is judged against: the largest the model showed on this run
+    error = max((e for e in errors.values() if e is not None), default=None)
     return {"coefficients": model.to_dict(), "fit_points": [pt(rows[i]) for i in train],
-            "held_out_points": [pt(r) for r in held],
-            "max_abs_error_held_out": max((abs(r["pred_error"]) for r in held), default=None),
-            "held_out_note": None if held else "every point was a fit point: no held-out error",
-            "max_abs_error_fit": max((abs(r["pred_error"]) for r in rows if r["fit"]), default=None),
-            "loo_max_abs_error": loo,
-            "extrapolation": extrapolate(model, shape, **extrapolate_kw)}
+            "held_out_points": [pt(r) for r in held], "same_features_points": same,
+            "max_abs_error_held_out": errors["held_out"],
+            "held_out_note": None if held else "every point was a fit point or shares a fit point's "
+                                                "features: no held-out error",
+            "max_abs_error_fit": errors["fit"], "loo_max_abs_error": loo, "pick_error": error,
+            "extrapolation": extrapolate(model, shape, error=error, **extrapolate_kw)}
 
 
 def extrapolate(model: TrainCostModel, shape: ModelShape, *, devices: int = 64,
-                rates_gbit=(10, 100), backend: str = "nccl", ddp_buckets: int = 1) -> dict:
+                rates_gbit=(10, 100), backend: str = "nccl", ddp_buckets: int = 1,
+                error: float | None = None) -> dict:
     """Predicted steps on `devices` devices (one per rank: s = 1), beta set to each link rate and
     alpha kept: every layout R x W = devices (W a power of two dividing devices, W <= N) and DDP.
-    Returns {"rows": [...], "picks": {rate: layout with the smallest predicted step}}."""
+    Returns {"rows": [...], "picks": {rate: layout with the smallest predicted step}, "close":
+    {rate: a sentence, where the runner-up is predicted within the model's `error` of the pick}}."""
     layouts, w = [], 1
     while w <= min(devices, shape.num_branches):
         if devices % w == 0:
             layouts.append({"system": "layerpar", "R": devices // w, "W": w})
         w *= 2
     layouts.append({"system": "ddp", "R": devices, "W": 1})
-    out, picks = [], {}
+    out, picks, close = [], {}, {}
     for rate in rates_gbit:
         m = model.at_rate(rate)
         group = []
@@ -308,8 +332,19 @@ def extrapolate(model: TrainCostModel, shape: ModelShape, *, devices: int = 64,
             group.append({"rate_gbit": rate, "layout": layout_name(row), **row, **ph,
                           "predicted_ms": step, "samples_per_s": shape.batch / step * 1e3,
                           "picked": False})
-        best = min(group, key=lambda g: g["predicted_ms"])
+        ranked = sorted(group, key=lambda g: g["predicted_ms"])
+        best = ranked[0]
         best["picked"] = True
         picks[f"{rate:g}"] = best["layout"]
+        # the runner-up is the best layout the model tells apart (DDP and layerpar devices x 1 have
+        # the same features: one computation under two names)
+        second = next((g for g in ranked[1:] if not np.allclose(features(g, shape), features(best, shape),
+                                                                rtol=1e-3, atol=0)), None)
+        gap = second["predicted_ms"] / best["predicted_ms"] - 1 if second else None
+        if error is not None and gap is not None and gap <= error:
+            close[f"{rate:g}"] = (f"too close to call within the model's {error:.0%} error: "
+                                  f"{best['layout']} {best['predicted_ms']:.1f} ms vs {second['layout']} "
+                                  f"{second['predicted_ms']:.1f} ms ({gap:.0%} apart)")
         out += group
-    return {"devices": devices, "backend": backend, "rows": out, "picks": picks}
+    return {"devices": devices, "backend": backend, "rows": out, "picks": picks, "close": close,
+            "error": error}

@@ -64,10 +64,12 @@ def headline(rows: list[dict], model_summary: dict | None) -> dict:
     ratio = {d: r["bytes"] / fewest[d] if fewest.get(d) else None for d, r in ddp.items()}
     ddp = {d: r["samples_per_s"] for d, r in ddp.items()}
     ms = model_summary or {}
+    ex = ms.get("extrapolation") or {}
     return {"best_layerpar": best, "ddp_samples_per_s": ddp, "bytes_ratio_ddp_over_layerpar": ratio,
             "max_abs_error_held_out": ms.get("max_abs_error_held_out"),
+            "max_abs_error_fit": ms.get("max_abs_error_fit"),
             "loo_max_abs_error": ms.get("loo_max_abs_error"),
-            "picks": (ms.get("extrapolation") or {}).get("picks")}
+            "picks": ex.get("picks"), "picks_too_close": ex.get("close") or None}
 
 
 def _per_d(rows: list[dict]) -> list[str]:
@@ -83,11 +85,12 @@ def _per_d(rows: list[dict]) -> list[str]:
                  _f(ddp / r["bytes"] if ddp and r.get("bytes") else None, "{:.2f}"),
                  _f(r["samples_per_s"] / one if one and r.get("samples_per_s") else None, "{:.2f}x"),
                  _f(r.get("predicted_ms"), "{:.2f}"), _f(r.get("pred_error"), "{:+.1%}"),
-                 "fit" if r.get("fit") else "held out"] for r in at]
+                 "fit" if r.get("fit") else (f"same features as {r['same_features_as']}"
+                                             if r.get("same_features_as") else "held out")] for r in at]
         devices = sorted({r.get("devices") for r in at if r.get("devices")})
         out += [f"### D = {d} ranks" + (f" on {'/'.join(map(str, devices))} devices" if devices else ""), "",
                 *_table(["system", "layout", "samples/s", "step ms", "compute ms", "collectives ms",
-                         "bytes/step", "DDP bytes / this", "vs one-process", "predicted ms",
+                         "bytes/step (counted)", "DDP bytes / this", "vs one-process", "predicted ms",
                          "error", "cost model"], body)]
     return out
 
@@ -105,12 +108,17 @@ def _cost_model(ms: dict) -> list[str]:
                      _f(c["alpha_ms"]), _f(c["beta_bytes_per_ms"]), _f(c["beta_gbit_s"])]]),
            "Fit points: " + ", ".join(f"{p['layout']}@D{p['D']}" for p in ms["fit_points"]) + ".",
            "Held out: " + (", ".join(f"{p['layout']}@D{p['D']}" for p in ms["held_out_points"])
-                           or "none") + ".", "",
-           f"- max |error| held out: {_f(ms['max_abs_error_held_out'], '{:.1%}')}"
-           + (f" ({ms['held_out_note']})" if ms.get("held_out_note") else ""),
-           f"- max |error| on the fit points: {_f(ms.get('max_abs_error_fit'), '{:.1%}')}",
-           f"- leave-one-out max |error| (each point from a model fitted on all the others): "
-           f"{_f(ms['loo_max_abs_error'], '{:.1%}')}", ""]
+                           or "none") + ".",
+           *([("Not held out (the same features as a fit point, so predicted as it is): "
+               + ", ".join(f"{p['layout']}@D{p['D']} = {p['same_features_as']}"
+                           for p in ms["same_features_points"]) + ".")]
+             if ms.get("same_features_points") else []), "",
+           "Errors of this run, side by side (max |predicted / measured - 1|):", "",
+           f"- on the fit points: {_f(ms.get('max_abs_error_fit'), '{:.1%}')}",
+           f"- leave-one-out (each multi-rank point from a model fitted on all the others): "
+           f"{_f(ms['loo_max_abs_error'], '{:.1%}')}",
+           f"- held out: {_f(ms['max_abs_error_held_out'], '{:.1%}')}"
+           + (f" ({ms['held_out_note']})" if ms.get("held_out_note") else ""), ""]
     out += _extrapolation(ms.get("extrapolation"), "")
     ref = ms.get("extrapolation_reference")
     if ref:
@@ -124,6 +132,7 @@ def _cost_model(ms: dict) -> list[str]:
 def _extrapolation(ex: dict | None, what: str) -> list[str]:
     if not ex:
         return []
+    close = ex.get("close") or {}
     return [f"### Extrapolation to {ex['devices']} devices ({ex['backend']}, one device per rank, "
             f"beta set to the link rate, alpha kept{what})", "",
             *_table(["Gbit/s", "layout", "predicted ms", "compute", "latency", "bandwidth",
@@ -133,17 +142,21 @@ def _extrapolation(ex: dict | None, what: str) -> list[str]:
                       _f(r["bandwidth_ms"], "{:.2f}"), _f(r["samples_per_s"], "{:.0f}"),
                       _f(r["bytes"], "{:,.0f}"), "**pick**" if r["picked"] else ""]
                      for r in ex["rows"]]),
-            "Picks: " + ", ".join(f"{k} Gbit/s -> {v}" for k, v in ex["picks"].items()) + ".", ""]
+            "Picks: " + ", ".join(f"{k} Gbit/s -> {v}" + (f" ({close[k]})" if k in close else "")
+                                  for k, v in ex["picks"].items()) + ".", ""]
 
 
 def markdown(rows, shape, ms, meta, heads, plots) -> str:
     out = ["# Training: layerpar meshes vs DDP vs one process", "",
+           "Bytes *counted* are what the collectives' payloads add up to by the ring rules (every rank's "
+           "largest); bytes *measured* are what a shaped link's qdisc actually sent (the slow-link "
+           "section only).", "",
            f"- command: `{meta.get('command')}`", f"- machine: {meta.get('machine')}",
            f"- duration: {_f(meta.get('duration_s'), '{:.0f}')} s", "",
            *_table(list(asdict(shape)) + ["params"], [[*asdict(shape).values(), shape.params]]),
            "## Per device count", "", *_per_d(rows), "## Bytes per step: DDP / layerpar", "",
            *_table(["D", "fastest layerpar layout", "DDP samples/s",
-                    "DDP bytes / fewest layerpar bytes"],
+                    "DDP bytes / fewest layerpar bytes (counted)"],
                    [[d, b["layout"], _f(heads["ddp_samples_per_s"].get(d), "{:.1f}"),
                      _f(heads["bytes_ratio_ddp_over_layerpar"].get(d), "{:.2f}")]
                     for d, b in heads["best_layerpar"].items()])]
@@ -157,12 +170,14 @@ def markdown(rows, shape, ms, meta, heads, plots) -> str:
         model = next(iter(link.values())).get("model", "")
         out += ["## Slow link: two ranks in two network namespaces, a tbf-shaped veth between them", "",
                 f"Model: {model}.", "",
-                *_table(["rate", "layerpar 1x2 ms", "layerpar 2x1 ms", "DDP ms", "DDP / layerpar 1x2",
-                         "layerpar bytes/step", "DDP bytes/step"], [
+                *_table(["rate", "layerpar 1x2 ms", "layerpar 2x1 ms", "DDP ms", "DDP / layerpar 1x2"], [
                     [k, _f(v.get("layerpar_ms"), "{:.2f}"), _f(v.get("layerpar_2x1_ms"), "{:.2f}"),
-                     _f(v.get("ddp_ms"), "{:.2f}"), _f(v.get("ratio"), "{:.2f}"),
-                     _f(v.get("layerpar_bytes"), "{:,.0f}"), _f(v.get("ddp_bytes"), "{:,.0f}")]
-                    for k, v in link.items()])]
+                     _f(v.get("ddp_ms"), "{:.2f}"), _f(v.get("ratio"), "{:.2f}")] for k, v in link.items()]),
+                "Bytes per step and rank: counted (ring rules) and measured (the rank's veth end, tc).", "",
+                *_table(["rate", "layerpar 1x2 counted", "measured", "layerpar 2x1 counted", "measured",
+                         "DDP counted", "measured"], [
+                    [k, *(_f(v.get(f"{n}{m}"), "{:,.0f}") for n in ("layerpar_", "layerpar_2x1_", "ddp_")
+                          for m in ("bytes", "wire_bytes"))] for k, v in link.items()])]
     out += _cost_model(ms) if ms else ["No cost model was fitted.", ""]
     out += [f"![{p}]({p})" for p in plots] + [""]
     out += ["## Read honestly", ""] + [f"- {n}" for n in meta.get("notes", [])] + [""]

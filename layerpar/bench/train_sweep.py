@@ -5,6 +5,12 @@ on the points and extrapolated to 64 devices; the reference configuration's byte
     python launch/scale.py --preset train          # < 5 min on 2 cores: D = 1, 2, 4
     python launch/scale.py --preset train-tiny     # seconds (what tests/bench/test_train_sweep.py runs)
     python launch/scale.py --preset train --set bench.link=[]      # without the shaped-link runs
+    python launch/scale.py --preset train --address auto --set parallel.gpus_per_worker=1   # GPU cluster
+
+With --address the sweep joins that Ray cluster (never a local one; an unreachable address is one
+error line, exit 2). With parallel.gpus_per_worker > 0 every rank runs on its own GPU: the layerpar
+meshes and DDP on cuda, the group on NCCL; asking for more GPUs than the cluster has is an error
+before anything starts (a Ray Train group would otherwise wait for them forever).
 
 Each D is one Ray Train worker group of D ranks that builds every system of that D and times them in
 rounds (bench/train_systems.py); every system's weights after its steps are compared with the one
@@ -67,10 +73,11 @@ PRESETS = {"train": (TRAIN_MODEL, {}),
                                        "reference": False, "link": []})}
 
 
-def build(preset: str, items: list[str]):
+def build(preset: str, items: list[str], *, address: str | None = None):
     model_sets, bench = PRESETS[preset]
+    where = [f"parallel.address={address}"] if address else []
     bench, overrides = split_sets(items, TrainSettings, dict(bench),
-                                  ["parallel.threads_per_worker=1", *model_sets])
+                                  ["parallel.threads_per_worker=1", *model_sets, *where])
     settings = TrainSettings(**bench)
     if 1 not in settings.devices or not all(isinstance(d, int) and d >= 1 for d in settings.devices):
         raise ConfigError(f"bench.devices ({settings.devices!r}) must be positive integers including 1 "
@@ -124,12 +131,16 @@ def run_group(cfg, d: int, spec: dict) -> dict:
 
     from layerpar.train.raytrain import ProgressLog
 
+    gpus = cfg.parallel.gpus_per_worker  # > 0: one GPU per rank, NCCL (set_up_rank picks the device)
+    resources = {"CPU": 1, **({"GPU": gpus} if gpus > 0 else {})}
     log = ProgressLog.remote()
     try:
         with tempfile.TemporaryDirectory() as storage:
             TorchTrainer(_loop, train_loop_config={"spec": spec, "log": log},
-                         scaling_config=ScalingConfig(num_workers=d, resources_per_worker={"CPU": 1}),
-                         torch_config=TorchConfig(backend="gloo", timeout_s=int(cfg.parallel.timeout_s)),
+                         scaling_config=ScalingConfig(num_workers=d, use_gpu=gpus > 0,
+                                                      resources_per_worker=resources),
+                         torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo",
+                                                  timeout_s=int(cfg.parallel.timeout_s)),
                          run_config=RunConfig(name=f"train-sweep-d{d}", storage_path=storage)).fit()
         (event,) = [e for e in ray.get(log.since.remote(0)) if e["kind"] == "bench"]
     finally:
@@ -137,7 +148,7 @@ def run_group(cfg, d: int, spec: dict) -> dict:
     return event
 
 
-def rows_of(event: dict, *, d: int, devices: int, batch: int, shape) -> list[dict]:
+def rows_of(event: dict, *, d: int, devices: int, batch: int, shape, backend: str = "gloo") -> list[dict]:
     """One row per system from every rank's figures: the slowest rank's step, the most bytes."""
     ranks, out = event["ranks"], []
     names = [k for k in ranks[0] if k not in ("rank", "ddp-compute")]
@@ -147,6 +158,7 @@ def rows_of(event: dict, *, d: int, devices: int, batch: int, shape) -> list[dic
         one = name == ONE or name in CALIBRATIONS
         row = {"system": "ddp" if name == "ddp" else ("one-process" if one else "layerpar"),
                "D": d, "devices": devices, "oversubscribed": d > devices, "batch": batch,
+               "backend": backend,
                "step_ms": slow["step_ms"], "collectives_ms": slow["collectives_ms"],
                "bytes": max(p["bytes"] for p in per)}
         if name == "ddp":  # overlapped with backward: what DDP adds over its no_sync steps
@@ -173,11 +185,11 @@ def _weight_diffs(rows: list[dict], weights: dict, truth: dict, d: int) -> None:
             row["max_weight_diff"] = max((got[k] - v).abs().max().item() for k, v in truth.items())
 
 
-def reference_bytes(d: int = 2) -> dict:
+def reference_bytes(d: int = 2, *, gpus_per_worker: float = 0.0) -> dict:
     """Bytes per step, counted on d ranks of the reference configuration (one step each) and by the
     ring rules at 8 ranks: layerpar's widest layout against DDP."""
     cfg = load_config(None, ["parallel.threads_per_worker=1", "train.batch_size=128", *REFERENCE_BLOCKS,
-                             "model.num_branches=8"])
+                             "model.num_branches=8", f"parallel.gpus_per_worker={gpus_per_worker}"])
     spec = {"cfg": cfg.to_dict(), "layouts": [[1, d]], "ddp": True, "warmup": 0, "rounds": 1,
             "steps": 1, "batches": 1}
     event = run_group(cfg, d, spec)
@@ -218,7 +230,8 @@ def reference_extrapolation(model: dict, reference: dict) -> dict | None:
     total = 2 * max(0.0, measured / c.kappa - c.a)  # DDP at D = 2: kappa (a + (t_rep + t_br) / 2)
     scaled = dataclasses.replace(c, t_rep=total * rep / (rep + br), t_br=total * br / (rep + br))
     shape = train_costmodel.ModelShape(**reference["shape"])
-    return {**train_costmodel.extrapolate(scaled, shape), "t_rep_ms": scaled.t_rep,
+    return {**train_costmodel.extrapolate(scaled, shape, error=model.get("pick_error")),
+            "t_rep_ms": scaled.t_rep,
             "t_br_ms": scaled.t_br, "calibrated_on_ms": measured}
 
 
@@ -241,33 +254,67 @@ def shaped_link(settings: TrainSettings) -> dict:
                 ranks = link.run_ranks([sys.executable, "-m", "layerpar.bench.train_systems", str(path)],
                                        timeout_s=600)[0]["ranks"]
             step = {k: max(r[k]["step_ms"] for r in ranks) for k in ("1x2", "2x1", "ddp")}
+            # counted: the collectives' payload by the ring rules; measured: what each rank's veth
+            # end sent per step (tc's tbf byte counter), headers and acknowledgements included
+            most = lambda k, what, ranks=ranks: max(r[k][what] or 0 for r in ranks)  # noqa: E731
             out[rate] = {"layerpar_ms": step["1x2"], "layerpar_2x1_ms": step["2x1"], "ddp_ms": step["ddp"],
                          "ratio": step["ddp"] / step["1x2"],
-                         "layerpar_bytes": max(r["1x2"]["bytes"] for r in ranks),
-                         "ddp_bytes": max(r["ddp"]["bytes"] for r in ranks),
+                         "layerpar_bytes": most("1x2", "bytes"),
+                         "layerpar_wire_bytes": most("1x2", "wire_bytes"),
+                         "layerpar_2x1_bytes": most("2x1", "bytes"),
+                         "layerpar_2x1_wire_bytes": most("2x1", "wire_bytes"),
+                         "ddp_bytes": most("ddp", "bytes"), "ddp_wire_bytes": most("ddp", "wire_bytes"),
                          "model": "reference branches (8 x depth 2, width 192), 32 x 32 inputs, batch 128"}
             print(f"link {rate}: layerpar 1x2 {step['1x2']:.1f} ms, 2x1 {step['2x1']:.1f} ms, "
                   f"DDP {step['ddp']:.1f} ms", file=sys.stderr, flush=True)
     return out
 
 
-def run(preset: str, sets: list[str], *, out_dir: str, command: str) -> dict:
+def check_cluster(cfg, d_max: int) -> dict:
+    """The connected Ray cluster: its address and the devices a rank can run on (GPUs when
+    parallel.gpus_per_worker > 0, else CPUs); a ConfigError when the largest D cannot be placed,
+    which a Ray Train group would otherwise wait for without end."""
+    import ray
+
+    res, gpus = ray.cluster_resources(), cfg.parallel.gpus_per_worker
+    info = {"gcs_address": ray.get_runtime_context().gcs_address, "resources":
+            {k: v for k, v in res.items() if k in ("CPU", "GPU")}}
+    if gpus > 0:
+        have = res.get("GPU", 0.0)
+        if have < gpus * d_max:
+            raise ConfigError(
+                f"parallel.gpus_per_worker={gpus:g} needs {gpus * d_max:g} GPUs for D = {d_max} ranks but "
+                f"the Ray cluster at {info['gcs_address']} has {have:g}; point --address at a cluster "
+                "with GPUs, lower bench.devices, or drop parallel.gpus_per_worker to run on CPUs")
+        return {**info, "devices": int(have // gpus)}
+    if cfg.parallel.address and res.get("CPU", 0.0) < d_max:
+        raise ConfigError(f"D = {d_max} ranks need {d_max} CPUs but the Ray cluster at "
+                          f"{info['gcs_address']} has {res.get('CPU', 0.0):g}; lower bench.devices")
+    # CPU ranks: this machine's cores on a local Ray, the cluster's CPUs when joined
+    return {**info, "devices": int(res.get("CPU", 0)) if cfg.parallel.address else os.cpu_count() or 1}
+
+
+def run(preset: str, sets: list[str], *, out_dir: str, command: str, address: str | None = None) -> dict:
     import ray
 
     from layerpar.parallel.cluster import connect
 
-    cfg, s = build(preset, sets)
-    shape, started, cores = shape_of(cfg), time.time(), os.cpu_count() or 1
-    owns = connect(cfg, min_cpus=max(s.devices) + 1)
+    cfg, s = build(preset, sets, address=address)
+    shape, started = shape_of(cfg), time.time()
+    owns = connect(cfg, min_cpus=max(s.devices) + 1)  # --address: join it (an error if unreachable)
     rows, truth, reference = [], {}, None
     try:
+        where = check_cluster(cfg, max(s.devices))
+        cores = where["devices"]
+        backend = "nccl" if cfg.parallel.gpus_per_worker > 0 else "gloo"
         for d in sorted(s.devices):
             lays = layouts_for(d, cfg.model.num_branches)
             spec = {"cfg": cfg.to_dict(), "layouts": [list(x) for x in lays], "ddp": d > 1,
                     "warmup": s.warmup, "rounds": s.rounds, "steps": s.steps, "weights": True}
             event = run_group(cfg, d, spec)
             truth = event["weights"][ONE] if d == 1 else truth
-            rows += rows_of(event, d=d, devices=cores, batch=cfg.train.batch_size, shape=shape)
+            rows += rows_of(event, d=d, devices=cores, batch=cfg.train.batch_size, shape=shape,
+                            backend=backend)
             _weight_diffs(rows, event["weights"], truth, d)
             for r in (r for r in rows if r["D"] == d):
                 name = r.get("layout") or train_costmodel.layout_name(r)
@@ -276,7 +323,7 @@ def run(preset: str, sets: list[str], *, out_dir: str, command: str) -> dict:
                       f"{r['bytes']:12,.0f} B/step  diff {r.get('max_weight_diff', 0):.1e}",
                       file=sys.stderr, flush=True)
         if s.reference:
-            reference = reference_bytes()
+            reference = reference_bytes(gpus_per_worker=cfg.parallel.gpus_per_worker)
     finally:
         if owns:
             ray.shutdown()
@@ -287,7 +334,8 @@ def run(preset: str, sets: list[str], *, out_dir: str, command: str) -> dict:
     run_dir = Path(out_dir) / f"scale-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     meta = {"command": command, "machine": _machine(), "duration_s": round(time.time() - started, 1),
             "preset": preset, "settings": dataclasses.asdict(s), "config": cfg.to_dict(),
-            "link": link, "reference": reference, "notes": _notes(rows, model, cores)}
+            "address": address, "cluster": where, "link": link, "reference": reference,
+            "notes": _notes(rows, model, cores, backend)}
     summary = train_report.write(rows, shape=shape, model_summary=model, out_dir=run_dir, meta=meta)
     ref_ex = (model or {}).get("extrapolation_reference") or {}
     return {"run_dir": str(run_dir), **summary, "picks_reference": ref_ex.get("picks"),
@@ -295,19 +343,27 @@ def run(preset: str, sets: list[str], *, out_dir: str, command: str) -> dict:
             "link": link}
 
 
-def _notes(rows: list[dict], model: dict | None, cores: int) -> list[str]:
+def _notes(rows: list[dict], model: dict | None, cores: int, backend: str = "gloo") -> list[str]:
     """What a reader of the report must keep in mind, from this run's own figures."""
     over = sorted({r["D"] for r in rows if r["D"] > cores})
     notes = ["Layouts of one D are timed in rounds side by side; compare them within a run (this "
-             "machine's speed drifts between runs)."]
+             "machine's speed drifts between runs).",
+             "Bytes per step in the per-D tables are counted (the collectives' payload by the ring "
+             "rules), not measured; the slow-link section has both."]
     if over:
         notes.append(f"D = {', '.join(map(str, over))} on {cores} cores time-share them "
                      "(oversubscribed): those points test the cost model's s, not scaling.")
     if model:
         c = model["coefficients"]
+        where = "this machine's loopback gloo" if backend == "gloo" else f"this cluster's {backend}"
         notes.append(f"alpha ({c['alpha_ms']:.2g} ms per hop) and beta ({c['beta_gbit_s'] or 0:.2g} Gbit/s) "
-                     "are this machine's loopback gloo, waiting for a peer included; the 64-device "
+                     f"are {where}, waiting for a peer included; the 64-device "
                      "extrapolation keeps alpha, so every hop of a collective is priced at it.")
+        err = model.get("pick_error")
+        if err is not None:
+            notes.append(f"The model's largest error on this run (fit, leave-one-out or held out) is "
+                         f"{err:.0%}: a 64-device pick whose runner-up is predicted within it is "
+                         "marked too close to call.")
     return notes
 
 

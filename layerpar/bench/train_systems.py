@@ -136,19 +136,29 @@ def _barrier(systems: dict) -> None:
         dist.barrier()
 
 
-def measure(systems: dict[str, object], data: list, *, warmup: int, rounds: int, steps: int) -> dict:
-    """Per system on this rank: median step, collective time and bytes per step; every system takes
-    warmup + rounds * steps steps on data[0], data[1], ... (cycled)."""
+def measure(systems: dict[str, object], data: list, *, warmup: int, rounds: int, steps: int,
+            wire=None) -> dict:
+    """Per system on this rank: median step, collective time and bytes per step -- `bytes` as the
+    collectives *counted* them (the ring rules' payload), and with `wire` (a function returning the
+    bytes this rank's link has sent so far: bench/netns.egress_bytes) `wire_bytes`, what the link
+    *measured* per timed step, headers, acknowledgements and one barrier per round included. Every
+    system takes warmup + rounds * steps steps on data[0], data[1], ... (cycled)."""
     taken = dict.fromkeys(systems, 0)
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in systems}
     sent = {k: 0.0 for k in systems}
+    on_wire = {k: 0.0 for k in systems}
+
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)  # a GPU step is done when its kernels are
 
     def one(name, timed):
         s = systems[name]
         x, y = data[taken[name] % len(data)]
         taken[name] += 1
+        sync()
         b0, c0, t0 = s.traffic.bytes, s.collective_seconds(), time.perf_counter()
         s.train_step(x, y)
+        sync()
         if timed:
             times[name].append((time.perf_counter() - t0, s.collective_seconds() - c0))
             sent[name] += s.traffic.bytes - b0
@@ -159,15 +169,20 @@ def measure(systems: dict[str, object], data: list, *, warmup: int, rounds: int,
         _barrier(systems)
     for _ in range(rounds):
         for name in systems:
+            # the counter is read outside the steps, before the barrier: no peer waits on it mid-step
+            w0 = wire() if wire else 0
+            _barrier(systems)
             for _ in range(steps):
                 one(name, True)
+            on_wire[name] += (wire() - w0) if wire else 0
             _barrier(systems)
     med = statistics.median
     return {k: {"step_ms": 1e3 * med(t for t, _ in v), "collectives_ms": 1e3 * med(c for _, c in v),
-                "bytes": sent[k] / len(v), "steps_taken": taken[k]} for k, v in times.items()}
+                "bytes": sent[k] / len(v), "wire_bytes": on_wire[k] / len(v) if wire else None,
+                "steps_taken": taken[k]} for k, v in times.items()}
 
 
-def run_rank(spec: dict, *, rank: int, world: int) -> dict | None:
+def run_rank(spec: dict, *, rank: int, world: int, wire=None) -> dict | None:
     """One rank's whole measurement; returns every rank's figures (and weights) on rank 0."""
     cfg = from_dict(spec["cfg"])
     torch.set_num_threads(cfg.parallel.threads_per_worker)
@@ -176,7 +191,7 @@ def run_rank(spec: dict, *, rank: int, world: int) -> dict | None:
     systems = build_systems(cfg, layouts=layouts, ddp=spec["ddp"], total_steps=total, rank=rank,
                             world=world)
     out = measure(systems, fixed_batches(cfg, spec.get("batches", 4)), warmup=spec["warmup"],
-                  rounds=spec["rounds"], steps=spec["steps"])
+                  rounds=spec["rounds"], steps=spec["steps"], wire=wire)
     weights = {}
     if spec.get("weights"):
         weights = {k: s.state() for k, s in systems.items() if k != "ddp-compute" and "@" not in k}
@@ -188,10 +203,17 @@ def run_rank(spec: dict, *, rank: int, world: int) -> dict | None:
 def main(argv: list[str]) -> int:
     """A rank started outside Ray (a shaped link's namespace): the group from the torchrun variables;
     rank 0 prints the figures (no weights) as one JSON line."""
+    import functools
+    import os
+
+    from layerpar.bench.netns import egress_bytes
+
     spec = json.loads(open(argv[0]).read())
+    dev = os.environ.get("LAYERPAR_LINK_DEV")  # the shaped veth end this rank sends on (ShapedLink)
+    wire = functools.partial(egress_bytes, dev) if dev else None
     rank, world = process_group.init_from_env(timeout_s=spec.get("timeout_s", 300))
     try:
-        out = run_rank({**spec, "weights": False}, rank=rank, world=world)
+        out = run_rank({**spec, "weights": False}, rank=rank, world=world, wire=wire)
     finally:
         process_group.destroy()
     print(json.dumps(out if rank == 0 else {"rank": rank}))

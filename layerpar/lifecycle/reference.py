@@ -20,8 +20,11 @@ style); the branches' full outputs are summed, then pooled (CLS row or mean), th
 forward only runs with 3 heads; per-head width is dim_head (64 by default, whatever D is).
 
 What the tensors do not fix is never guessed silently: the pooling comes from the config and the
-report says so; of the channel / patch-side splits of p*p*C only an unambiguous grey, RGB or RGBA one
-is taken unaided (see _patch_geometry), and non-square grids and patch widths are refused.
+report says so; of the channel / patch-side splits of p*p*C the common reading -- grey or RGB, at most
+one of which can fit -- is taken and the report says so beside the other readings that also fit
+(see _patch_geometry); what no grey or RGB reading explains, and non-square grids and patch widths,
+are refused. Weights that are NaN or infinite, and files holding anything but tensors, are refused
+with the tensor or the pickled object named.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ import json
 import math
 import re
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ import torch
 
 from layerpar.config import load_config, parse_override
 from layerpar.lifecycle.common import LifecycleError, dir_bytes, new_run_dir, num_params, write_run
+from layerpar.lifecycle.reference_io import load_reference_state
 from layerpar.model import ParaFormer
 
 REF_HEADS = 3  # the only head count the reference forward is consistent with
@@ -57,9 +60,8 @@ ATTN_KEYS = {"ln1_w": "norm.weight", "ln1_b": "norm.bias", "qkv_w": "fn.to_qkv.w
              "proj_w": "fn.to_out.0.weight", "proj_b": "fn.to_out.0.bias"}
 MLP_KEYS = {"ln2_w": "norm.weight", "ln2_b": "norm.bias", "fc1_w": "fn.net.0.weight",
             "fc1_b": "fn.net.0.bias", "fc2_w": "fn.net.3.weight", "fc2_b": "fn.net.3.bias"}
-WRAPPERS = ("state_dict", "model_state_dict", "model", "net")  # {"net": sd, "acc": ..} and friends
-PREFIXES = ("module.", "_orig_mod.")  # nn.DataParallel / DDP, torch.compile
-GUESSED_CHANNELS = (1, 3, 4)  # grey, RGB, RGBA: read from the tensors unaided; others need --channels
+COMMON_CHANNELS = (1, 3)  # grey, RGB: read from the tensors unaided (p*p and 3*q*q never both fit)
+OTHER_CHANNELS = (4,)  # RGBA: named beside the common reading when it also fits, never taken unaided
 DATA_CHANNELS = {"digits": 1, "fashion_mnist": 1, "cifar10": 3, "cifar100": 3}  # synthetic: any
 SHAPE_FIELDS = ("kind", "image_size", "in_channels", "patch_size", "num_classes", "dim", "heads",
                 "head_dim", "mlp_dim", "num_branches", "branch_depth", "style", "qkv_bias")
@@ -79,53 +81,6 @@ def key_map(num_branches: int, branch_depth: int) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- reading
-
-
-def load_reference_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """torch.load with weights_only=True (no code runs), unwrapped to a flat {key: tensor} dict."""
-    path = Path(path)
-    if path.is_dir():
-        raise LifecycleError(f"state dict {str(path)!r} is a directory; pass the .pt file itself")
-    if not path.is_file():
-        raise LifecycleError(f"state dict {str(path)!r} does not exist")
-    if path.stat().st_size == 0:
-        raise LifecycleError(f"state dict {str(path)!r} is empty (0 bytes); pass a file written by "
-                             "torch.save(model.state_dict(), path)")
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols: noise for a person
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors of every kind: the file is not a plain state dict
-        raise _load_error(path, exc) from None
-    for _ in range(2):  # {"net": state_dict, "epoch": ..} as written by common training scripts
-        if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-            inner = [obj[k] for k in WRAPPERS if isinstance(obj.get(k), dict)]
-            if inner:
-                obj = inner[0]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise LifecycleError(f"{path} does not hold a state dict of tensors")
-    for prefix in PREFIXES:
-        if obj and all(k.startswith(prefix) for k in obj):
-            obj = {k[len(prefix):]: v for k, v in obj.items()}
-    return dict(obj)
-
-
-def _load_error(path: Path, exc: Exception) -> LifecycleError:
-    """One sentence for a file torch.load refused. torch's own text is not repeated: it advises
-    weights_only=False, which runs any code the file holds and is wrong advice for a file from outside."""
-    text = str(exc)
-    if m := re.search(r"Unsupported global: GLOBAL (\S+)", text):
-        return LifecycleError(
-            f"{path} holds pickled Python objects ({m.group(1)}), not only tensors, so torch.load "
-            "with weights_only=True refuses it; save model.state_dict() instead of the model object")
-    if isinstance(exc, OSError):
-        return LifecycleError(f"{path} cannot be read: {exc.strerror or exc}")
-    m = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    reason = m.group(1) if m else (lines[0].split(". ")[0] if lines else "")
-    reason = "" if "weights_only" in reason else f": {reason[:200]}"
-    return LifecycleError(f"{path} is not a readable torch.save file (corrupt, truncated or another "
-                          f"format; {type(exc).__name__}{reason})")
 
 
 def _key_error(path: str, missing: list[str], unexpected: list[str]) -> LifecycleError:
@@ -156,8 +111,10 @@ def _patch_geometry(patch_dim: int, num_patches: int, hints: dict[str, tuple[int
                     ) -> tuple[int, int, int, str]:
     """(in_channels, patch_size, image_size, where they came from) from the patch Linear's width
     p*p*C and the T - 1 patch positions. The tensors fix only p*p*C and the grid; hints
-    (field -> (value, where it was given)) pick the reading, or else the only one with 1, 3 or 4
-    channels and patches of side >= 2 is taken, and more than one is refused as ambiguous."""
+    (field -> (value, where it was given)) pick the reading, or else the common one -- 1 or 3
+    channels in patches of side >= 2; at most one fits, since p*p = 3*q*q has no whole solution --
+    is taken, and `where` names the RGBA reading that also fits (e.g. the authors' grey 224 px
+    Fashion-MNIST in 16x16 patches is also 4 channels in 8x8). No common reading: refused."""
     grid = math.isqrt(num_patches)
     if grid * grid != num_patches:
         raise LifecycleError(
@@ -175,21 +132,20 @@ def _patch_geometry(patch_dim: int, num_patches: int, hints: dict[str, tuple[int
                 "models use square patches and images); check --channels, --patch-size, --image-size")
         (c, p), = keep
         return c, p, grid * p, given
-    plausible = [(c, p) for c, p in readings if c in GUESSED_CHANNELS and p >= 2]
-    if len(plausible) == 1:
-        (c, p), = plausible
-        return c, p, grid * p, "the tensors (the only reading with 1, 3 or 4 channels)"
-    if not plausible:
+    common = [(c, p) for c, p in readings if c in COMMON_CHANNELS and p >= 2]
+    if not common:
         raise LifecycleError(
             f"the patch embedding reads {patch_dim} values per patch, which no square patch of side "
-            ">= 2 with 1, 3 or 4 channels gives: the model has another channel count, 1-pixel or "
+            ">= 2 with 1 or 3 channels gives: the model has another channel count, 1-pixel or "
             "non-square patches (layerpar's are square); pass --channels, --patch-size or --image-size")
-    options = " or ".join(f"{c} channel{'s' * (c > 1)} in {p}x{p} patches ({grid * p}x{grid * p} "
-                          "images)" for c, p in plausible)
-    raise LifecycleError(
-        f"the patch embedding reads {patch_dim} values per patch on the {grid}x{grid} patch grid, which fits "
-        f"{options}; pass --channels, --patch-size or --image-size (or name the dataset with "
-        "--set data.name=...)")
+    (c, p), = common  # p*p*1 == q*q*3 has no whole solution: at most one common reading
+    also = [f"{c2} channels in {p2}x{p2} patches ({grid * p2}x{grid * p2} images)"
+            for c2, p2 in readings if c2 in OTHER_CHANNELS and p2 >= 2]
+    name = "grey" if c == 1 else "RGB"
+    where = f"the tensors (the common reading: {name}" + (
+        f"; {' or '.join(also)} also fits the same tensors: pass --channels "
+        f"{also[0].split()[0]} for that" if also else "") + ")"
+    return c, p, grid * p, where
 
 
 def infer_shape(state: dict[str, torch.Tensor], *, where: str = "state dict",
@@ -248,6 +204,12 @@ def convert_state(state: dict[str, torch.Tensor], mcfg, where: str = "state dict
     out = {}
     for ours, theirs in key_map(mcfg.num_branches, mcfg.branch_depth).items():
         t = state[theirs].detach().to(torch.float32)
+        if not (finite := torch.isfinite(t)).all():  # else every prediction fails, blaming the input
+            bad, nan = int((~finite).sum()), int(torch.isnan(t).sum())
+            raise LifecycleError(
+                f"{where}: {theirs} holds {bad} of {t.numel()} values that are not finite ({nan} NaN, "
+                f"{bad - nan} infinite): the weights are damaged (a diverged run or a broken save) and "
+                "every prediction would be NaN; refused")
         if t.shape != target[ours].shape:
             raise LifecycleError(f"{where}: {theirs} has shape {tuple(t.shape)} but the inferred "
                                  f"model needs {tuple(target[ours].shape)} for {ours}")
@@ -358,13 +320,15 @@ EPILOG = """\
 What the weights do not say:
   the pooling: model.pool comes from --config or --set model.pool=mean|cls (default cls); a mean-pool
     model imported as cls gives wrong logits, so name it. The report's "assumed" entry says which.
-  the image geometry: the tensors fix only channels * patch * patch and the patch grid. Grey (1),
-    RGB (3) and RGBA (4) images in square patches of side >= 2 are read unaided when only one such
-    reading fits; otherwise (e.g. 1 channel in 8x8 patches vs 4 channels in 4x4) the import is
-    refused until --channels, --patch-size or --image-size (or --set model.in_channels=...,
-    model.patch_size=..., model.image_size=..., or a named dataset: --set data.name=cifar10) picks
-    one. Non-square images or patches are refused where the grid shows them (layerpar models are
-    square)."""
+  the image geometry: the tensors fix only channels * patch * patch and the patch grid. The common
+    reading -- grey (1) or RGB (3) images in square patches of side >= 2; at most one of the two
+    fits -- is taken, and the report's "assumed" entry (and a note on stderr) names any RGBA reading
+    that fits the same tensors (e.g. grey 224 px in 16x16 patches is also 4 channels in 8x8). Pick
+    another with --channels, --patch-size or --image-size (or --set model.in_channels=...,
+    model.patch_size=..., model.image_size=..., or a named dataset: --set data.name=cifar10). What no
+    grey or RGB reading explains, and non-square images or patches where the grid shows them, are
+    refused (layerpar models are square).
+  damaged weights: a NaN or infinite value in any tensor is refused at import, naming the tensor."""
 
 
 def cli_main(argv: list[str] | None = None) -> int:
@@ -393,5 +357,7 @@ def cli_main(argv: list[str] | None = None) -> int:
                               image_size=args.image_size, config=args.config, overrides=args.overrides)
     if "from --set" not in report["assumed"]["pool"]:  # a guess: say so where a person reads it
         print(f"layerpar import-reference: note: {report['assumed']['pool']}", file=sys.stderr)
+    if "also fits" in report["assumed"]["geometry"]:  # another reading fits the same tensors
+        print(f"layerpar import-reference: note: {report['assumed']['geometry']}", file=sys.stderr)
     print(json.dumps(report))
     return 0

@@ -148,8 +148,17 @@ def test_fit_and_judge_flags_and_errors():
     fitted = {(r["system"], r["R"], r["W"]) for r in rows if r["fit"]}
     assert fitted == {("one-process", 1, 1), ("layerpar", 1, 2), ("layerpar", 2, 1), ("ddp", 2, 1),
                       ("layerpar", 1, 4), ("layerpar", 4, 1), ("layerpar", 1, 8), ("layerpar", 8, 1)}
-    # 2x2, 2x4, 4x2, DDP 4, 8; the fit points include one process's two calibration points
-    assert len(out["held_out_points"]) == sum(not r["fit"] for r in rows) == 5
+    # 2x2, 2x4, 4x2 are held out; DDP at D = 4 and 8 have the features of the fit points 4x1 and 8x1
+    # (every gradient summed over D replicas, the same compute shares): not held out, labelled
+    assert sum(not r["fit"] for r in rows) == 5
+    assert sorted((p["layout"], p["D"]) for p in out["held_out_points"]) == [("2x2", 4), ("2x4", 8),
+                                                                             ("4x2", 8)]
+    assert sorted((p["layout"], p["D"], p["same_features_as"]) for p in out["same_features_points"]) \
+        == [("ddp", 4, "4x1@D4"), ("ddp", 8, "8x1@D8")]
+    assert next(r for r in rows if r["system"] == "ddp" and r["D"] == 4)["same_features_as"] == "4x1@D4"
+    # every error the run showed, side by side; a pick is judged against the largest
+    assert out["pick_error"] == max(out["max_abs_error_fit"], out["max_abs_error_held_out"],
+                                    out["loo_max_abs_error"])
     assert all(r["pred_error"] == pytest.approx((r["predicted_ms"] - r["step_ms"]) / r["step_ms"])
                for r in rows)
     assert out["max_abs_error_held_out"] < 0.05
@@ -196,6 +205,24 @@ def test_extrapolate_layouts_and_picks():
         == ["12x1", "6x2", "3x4", "ddp"]
 
 
+def test_picks_within_the_model_error_are_too_close_to_call():
+    ex = extrapolate(TRUE, SHAPE, devices=64, rates_gbit=(10, 100))
+    for rate in ("10", "100"):
+        # DDP and 64x1 are one computation under two names: the runner-up is the next distinct time
+        times = sorted(r["predicted_ms"] for r in ex["rows"] if f"{r['rate_gbit']:g}" == rate)
+        gap = next(t for t in times if t > times[0] * (1 + 1e-6)) / times[0] - 1
+        wide = extrapolate(TRUE, SHAPE, devices=64, rates_gbit=(float(rate),), error=gap + 0.01)
+        assert wide["close"][rate].startswith(f"too close to call within the model's {gap + 0.01:.0%} error")
+        assert not ({"ddp", "64x1"} <= set(wide["close"][rate].replace(":", " ").split())), wide["close"]
+        narrow = extrapolate(TRUE, SHAPE, devices=64, rates_gbit=(float(rate),), error=gap / 2)
+        assert narrow["close"] == {} and narrow["picks"] == wide["picks"]
+    assert ex["close"] == {}  # no error given: nothing to judge against
+    # fit_and_judge passes the run's largest error; the report says it beside the pick
+    rows = sweep(noise=0.05)
+    out = fit_and_judge(rows, SHAPE)
+    assert out["extrapolation"]["error"] == out["pick_error"] > 0
+
+
 def test_slow_link_picks_branch_parallel_over_ddp():
     # large branches (10M params each), small rows (d = 64, B = 64): DDP all-reduces 80M params,
     # an 8x8 mesh sums one branch per replica group
@@ -238,8 +265,15 @@ def test_write_report_files(tmp_path):
     md = (tmp_path / "run" / "report.md").read_text()
     for text in ("### D = 2", "### D = 8", "| system | layout | samples/s | step ms", "DDP / layerpar",
                  "## Cost model", "Extrapolation to 64 devices", "**pick**", "Picks:", "## Slow link",
-                 "Reference configuration", "two cores: D > 2 time-shares", "held out"):
+                 "Reference configuration", "two cores: D > 2 time-shares", "held out",
+                 "- on the fit points: ", "- leave-one-out (", "- held out: ", "bytes/step (counted)",
+                 "Not held out (the same features as a fit point", "same features as 4x1@D4"):
         assert text in md, text
+    # a pick within the model's error says so in the report
+    summary["extrapolation"]["close"] = {"10": "too close to call within the model's 30% error: x"}
+    train_report.write(rows, shape=SHAPE, model_summary=summary, out_dir=tmp_path / "run2", meta=meta)
+    assert "10 Gbit/s -> " in (md := (tmp_path / "run2" / "report.md").read_text())
+    assert "(too close to call within the model's 30% error: x)" in md
 
 
 def _has_matplotlib() -> bool:

@@ -1,4 +1,4 @@
-"""Hardening round three, serving on local Ray: health with one replica group stopped, a call routed
+"""Replica groups under faults, on local Ray: health with one replica group stopped, a call routed
 with wait=False never waits for a recovery, each call's own timings, and a group whose pinned node is
 gone placed on any node with room.
 

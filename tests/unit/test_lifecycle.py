@@ -224,15 +224,16 @@ def test_import_report_states_the_pool_it_assumed(tmp_path):
     assert import_reference(tmp_path / "mean.pt", tmp_path / "cfg", config="digits")["pool"] == "mean"
 
 
-def test_import_four_channels_refused_until_named(tmp_path):
-    sd = reference_state(channels=4, patch=4, image=32, branches=1, depth=1)  # 64 = 4*4*4 = 1*8*8
+def test_import_takes_the_common_reading_and_names_the_other(tmp_path):
+    # 64 values per patch = 1 channel in 8x8 = 4 channels in 4x4: grey is the common reading, taken
+    # and said; RGBA takes a flag
+    sd = reference_state(channels=4, patch=4, image=32, branches=1, depth=1)
     torch.save(sd, tmp_path / "rgba.pt")
-    with pytest.raises(LifecycleError) as err:
-        import_reference(tmp_path / "rgba.pt", tmp_path / "run")
-    msg = str(err.value)
-    assert "4 channels in 4x4 patches (32x32 images) or 1 channel in 8x8 patches" in msg
-    assert all(flag in msg for flag in ("--channels", "--patch-size", "--image-size"))
-    assert not (tmp_path / "run").exists()
+    report = import_reference(tmp_path / "rgba.pt", tmp_path / "grey")
+    m, said = report["model"], report["assumed"]["geometry"]
+    assert (m["in_channels"], m["patch_size"], m["image_size"]) == (1, 8, 64)  # the same 8x8 grid
+    assert "the common reading: grey" in said
+    assert "4 channels in 4x4 patches (32x32 images) also fits the same tensors: pass --channels 4" in said
 
     proc = run_cli(tmp_path / "rgba.pt", "--out", tmp_path / "run", "--channels", "4")
     assert proc.returncode == 0, proc.stderr
@@ -251,13 +252,78 @@ def test_import_four_channels_refused_until_named(tmp_path):
         import_reference(tmp_path / "rgba.pt", tmp_path / "r3", in_channels=3)
 
 
+def test_import_the_authors_fashion_mnist_geometry_unaided(tmp_path):
+    # their Fashion-MNIST run: grey 224 px in 16x16 patches (256 values = also 4 channels in 8x8)
+    sd = reference_state(channels=1, patch=16, image=224, branches=1, depth=1, dim=12, dim_head=4, mlp=16)
+    torch.save(sd, tmp_path / "fmnist.pt")
+    proc = run_cli(tmp_path / "fmnist.pt", "--out", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    m = report["model"]
+    assert (m["in_channels"], m["patch_size"], m["image_size"]) == (1, 16, 224)
+    # the assumption is said, as the pool one is: in the report and on stderr
+    assert "4 channels in 8x8 patches (112x112 images) also fits" in report["assumed"]["geometry"]
+    assert "note: 1 channel(s), 16x16 patches, 224x224 images, from the tensors (the common reading: grey" \
+        in proc.stderr
+    img = torch.randn(2, 1, 224, 224, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "run")(img), reference_forward(sd, img, patch=16),
+                                   atol=1e-5, rtol=0)
+
+
+def test_import_refuses_what_no_common_reading_explains(tmp_path):
+    # 2 channels in 4x4 patches: 32 values, neither a square nor three times one
+    torch.save(reference_state(channels=2, patch=4, image=16, branches=1, depth=1), tmp_path / "two.pt")
+    with pytest.raises(LifecycleError, match="no square patch of side >= 2 with 1 or 3 channels"):
+        import_reference(tmp_path / "two.pt", tmp_path / "run")
+    assert import_reference(tmp_path / "two.pt", tmp_path / "run", in_channels=2)["model"]["patch_size"] == 4
+
+
 def test_import_grey_patches_read_from_a_named_dataset(tmp_path):
     torch.save(reference_state(channels=1, patch=4, image=16, branches=1, depth=1), tmp_path / "g.pt")
-    with pytest.raises(LifecycleError, match="4 channels in 2x2 patches"):  # grey 4x4 or RGBA 2x2
-        import_reference(tmp_path / "g.pt", tmp_path / "run")
+    report = import_reference(tmp_path / "g.pt", tmp_path / "unaided")  # grey 4x4, or RGBA 2x2
+    assert (report["model"]["in_channels"], report["model"]["patch_size"]) == (1, 4)
+    assert "4 channels in 2x2 patches" in report["assumed"]["geometry"]
     report = import_reference(tmp_path / "g.pt", tmp_path / "run", overrides=["data.name=fashion_mnist"])
     assert (report["model"]["in_channels"], report["model"]["patch_size"]) == (1, 4)
     assert "data.name=fashion_mnist" in report["assumed"]["geometry"]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_import_refuses_weights_that_are_not_finite(tmp_path, bad):
+    sd = reference_state(branches=2, depth=1)
+    sd["paraformerbranches.branches.1.1.fn.net.0.weight"][3, 5] = bad
+    torch.save(sd, tmp_path / "bad.pt")
+    with pytest.raises(LifecycleError) as err:
+        import_reference(tmp_path / "bad.pt", tmp_path / "run")
+    msg = str(err.value)
+    assert "paraformerbranches.branches.1.1.fn.net.0.weight holds 1 of 768 values that are not finite" in msg
+    assert ("1 NaN, 0 infinite" if bad != bad else "0 NaN, 1 infinite") in msg
+    assert not (tmp_path / "run").exists()
+
+
+class _Shell:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo this must never run",))
+
+
+def test_import_names_a_blocked_pickled_callable(tmp_path):
+    import pickle
+
+    torch.save({**reference_state(branches=1, depth=1), "extra": _Shell()}, tmp_path / "evil.pt")
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps(_Shell(), protocol=4))  # a bare pickle
+    for name in ("evil.pt", "evil.pkl"):
+        with pytest.raises(LifecycleError, match="holds a pickled callable os.system, which weights-only"):
+            import_reference(tmp_path / name, tmp_path / "run")
+        proc = run_cli(tmp_path / name, "--out", tmp_path / "run")
+        assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+        assert "this must never run" not in proc.stdout + proc.stderr
+        assert proc.stderr.count("\n") == 1, proc.stderr
+        assert "refused: the file holds a pickled callable os.system, which weights-only loading blocks" \
+            in proc.stderr, proc.stderr
+        assert "corrupt" not in proc.stderr and "weights_only=False unless" in proc.stderr
 
 
 @pytest.mark.parametrize("shape", [
