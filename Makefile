@@ -15,10 +15,21 @@ export PYTHONUNBUFFERED := 1
 
 .PHONY: setup demo test lint bench clean datasets cluster-tools
 
-$(VENV)/.installed: pyproject.toml
+# The venv remembers which TORCH_SPEC its torch came from (.torch-spec): a different one (a CUDA build
+# after `make demo`) reinstalls torch and then the package, instead of silently keeping the old torch.
+TORCH_STAMP := $(VENV)/.torch-spec
+ifneq ($(shell cat $(TORCH_STAMP) 2>/dev/null),$(strip $(TORCH_SPEC)))
+.PHONY: $(TORCH_STAMP)
+endif
+
+$(TORCH_STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip uninstall -q -y torch >/dev/null 2>&1 || true  # a +cpu build satisfies torch==X too
 	$(PY) -m pip install -q $(TORCH_SPEC)
+	echo '$(strip $(TORCH_SPEC))' > $@
+
+$(VENV)/.installed: pyproject.toml $(TORCH_STAMP)
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 

@@ -1,13 +1,15 @@
 """A Ray Tune sweep of train.lr x train.weight_decay over the Ray Train run launch/train.py makes.
 
     python launch/tune.py --config digits --lr 5e-4,1e-3,2e-3 --weight-decay 0.05,0.3
-    python launch/tune.py --config tiny --set parallel.workers=1 --lr 1e-3,3e-3 --weight-decay 0.05
+    python launch/tune.py --config tiny --lr 1e-3,3e-3 --weight-decay 0.05    # one-process trials
+    python launch/tune.py --config tiny --set parallel.workers=2 --lr 1e-3,3e-3   # Ray Train trials
     python launch/tune.py --config fashion_mnist --concurrent 1 --address auto   # an existing cluster
 
 Every trial is a TorchTrainer of parallel.workers ranks (Ray Train v2 inside a Tune trial, reporting
-each epoch to Tune) and an ordinary run directory OUT/<sweep>/<trial id>/. Progress goes to stderr;
-the last stdout line is one JSON object: sweep_dir, metric (val_accuracy), best (params, val_accuracy,
-test_accuracy), trials. A bad config prints one line on stderr and exits with 2.
+each epoch to Tune) -- or, with parallel.workers = 0 as in `tiny`, one process in the trial's own Ray
+worker (reporting its final result) -- and an ordinary run directory OUT/<sweep>/<trial id>/.
+Progress goes to stderr; the last stdout line is one JSON object: sweep_dir, metric (val_accuracy),
+best (params, val_accuracy, test_accuracy), trials. A bad config prints one line on stderr and exits with 2.
 """
 
 import argparse
@@ -52,8 +54,6 @@ def main(argv: list[str] | None = None) -> int:
             cfg = cfg.replace(train={"out_dir": args.out_dir})
         if args.address is not None:
             cfg = cfg.replace(parallel={"address": args.address})
-        if cfg.parallel.workers < 1:
-            raise ConfigError("a Tune sweep runs Ray Train trials: set parallel.workers >= 1")
         result = sweep(cfg, lrs=args.lr, weight_decays=args.weight_decay, concurrent=args.concurrent)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)

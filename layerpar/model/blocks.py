@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from layerpar.model.dropout import ATTENTION, MLP, SiteMask, drop
+
 # Weight names of one block, in a fixed order (used to stack branches and to name checkpoint keys).
 PARAM_NAMES = (
     "ln1_w", "ln1_b", "qkv_w", "qkv_b", "proj_w", "proj_b",
@@ -105,24 +107,25 @@ def mlp(p: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
 
 def block_forward(
     p: dict[str, torch.Tensor], h: torch.Tensor, *, heads: int, style: str, dropout: float = 0.0,
-    training: bool = False, cls_only: bool = False,
+    training: bool = False, cls_only: bool = False, masks: SiteMask | None = None,
 ) -> torch.Tensor:
     """One transformer block (or K stacked ones). `prenorm`: h + F(LN(h));
     `reference` (the authors' code): LN(h) + F(LN(h)).
     cls_only: compute only the first output row, (..., B, T, D) -> (..., B, 1, D); it equals row 0
-    of the full block (used for the last block of a CLS-pooled model: a pure saving)."""
+    of the full block (used for the last block of a CLS-pooled model: a pure saving).
+    masks: this block's dropout masks (model/dropout.py); None draws from torch's generator."""
     n = layer_norm(h, p["ln1_w"], p["ln1_b"])
     if cls_only:
         a = attention_cls(p, n, heads)
         h, n = h[..., :1, :], n[..., :1, :]
     else:
         a = attention(p, n, heads)
-    return _block_tail(p, h, n, a, style=style, dropout=dropout, training=training)
+    return _block_tail(p, h, n, a, style=style, dropout=dropout, training=training, masks=masks)
 
 
 def cls_blocks_shared_input(
     p: dict[str, torch.Tensor], x0: torch.Tensor, *, heads: int, style: str, dropout: float = 0.0,
-    training: bool = False,
+    training: bool = False, masks: SiteMask | None = None,
 ) -> torch.Tensor:
     """K stacked blocks (weights (K, ...)) all reading the same x0 (B, T, D), CLS row only ->
     (K, B, 1, D): equal to block_forward(p, x0 expanded to (K, B, T, D), cls_only=True), but the
@@ -133,15 +136,15 @@ def cls_blocks_shared_input(
     n = xhat[:, :1, :] * gamma + beta  # (K, B, 1, D): the CLS row after each block's LayerNorm
     a = attention_cls(p, xhat, heads, query=n, affine=(gamma, beta))
     h = x0[:, :1, :].expand_as(n)
-    return _block_tail(p, h, n, a, style=style, dropout=dropout, training=training)
+    return _block_tail(p, h, n, a, style=style, dropout=dropout, training=training, masks=masks)
 
 
 def _block_tail(p: dict[str, torch.Tensor], h: torch.Tensor, n: torch.Tensor, a: torch.Tensor, *,
-                style: str, dropout: float, training: bool) -> torch.Tensor:
+                style: str, dropout: float, training: bool, masks: SiteMask | None) -> torch.Tensor:
     """The block after its attention output a: residual, LayerNorm, MLP, residual."""
-    h = (n if style == "reference" else h) + F.dropout(a, dropout, training)
+    h = (n if style == "reference" else h) + drop(a, dropout, training, ATTENTION, masks)
     n = layer_norm(h, p["ln2_w"], p["ln2_b"])
-    m = F.dropout(mlp(p, n), dropout, training)
+    m = drop(mlp(p, n), dropout, training, MLP, masks)
     return (n if style == "reference" else h) + m
 
 
@@ -172,10 +175,11 @@ class Block(nn.Module):
     def weights(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in PARAM_NAMES if getattr(self, name) is not None}
 
-    def forward(self, h: torch.Tensor, *, cls_only: bool = False) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, *, cls_only: bool = False, masks: SiteMask | None = None
+                ) -> torch.Tensor:
         """(B, T, D) -> (B, T, D), or (B, 1, D) with cls_only (the CLS row alone)."""
-        return block_forward(self.weights(), h, heads=self.heads, style=self.style,
-                             dropout=self.dropout, training=self.training, cls_only=cls_only)
+        return block_forward(self.weights(), h, heads=self.heads, style=self.style, dropout=self.dropout,
+                             training=self.training, cls_only=cls_only, masks=masks)
 
 
 def make_block(cfg, generator: torch.Generator | None = None) -> Block:

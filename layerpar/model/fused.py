@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from layerpar.model.blocks import block_forward, cls_blocks_shared_input
+from layerpar.model.dropout import DropoutDraw
 
 # On CPU, branches with at least this many activation elements (B*T*D) run one by one (see above).
 LOOP_MIN_ELEMENTS = 32768
@@ -35,21 +36,26 @@ class Branch(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
 
-    def forward(self, h: torch.Tensor, *, cls_only: bool = False) -> torch.Tensor:
-        """(B, T, D) -> (B, T, D); with cls_only the last block computes the CLS row only: (B, 1, D)."""
+    def forward(self, h: torch.Tensor, *, cls_only: bool = False, draw: DropoutDraw | None = None,
+                branch_id: int = 0) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D); with cls_only the last block computes the CLS row only: (B, 1, D).
+        draw: where the dropout masks of this branch (`branch_id`) come from; None: torch's generator."""
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            h = block(h, cls_only=cls_only and i == last)
+            masks = None if draw is None else draw.sites([branch_id], i, stacked=False)
+            h = block(h, cls_only=cls_only and i == last, masks=masks)
         return h
 
 
 class FusedBranchStack:
     """Runs `branches` (same shapes) as one batched computation. Holds references, not copies."""
 
-    def __init__(self, branches: Sequence[Branch]):
+    def __init__(self, branches: Sequence[Branch], branch_ids: Sequence[int] | None = None):
         if not branches:
             raise ValueError("a fused stack needs at least one branch")
         self.branches = list(branches)
+        # which branch each one is: names its dropout masks, so they do not depend on the stack
+        self.branch_ids = list(range(len(self.branches)) if branch_ids is None else branch_ids)
         first = self.branches[0].blocks[0]
         self.heads, self.style, self.dropout = first.heads, first.style, first.dropout
         self._cache_key: tuple | None = None
@@ -80,20 +86,25 @@ class FusedBranchStack:
                            for name in per_branch[0]})
         return layers
 
-    def __call__(self, x0: torch.Tensor, *, cls_only: bool = False) -> torch.Tensor:
+    def __call__(self, x0: torch.Tensor, *, cls_only: bool = False,
+                 draw: DropoutDraw | None = None) -> torch.Tensor:
         """x0 (B, T, D), read by every branch -> (K, B, T, D), one output per branch;
-        (K, B, 1, D) with cls_only (the last block computes the CLS row alone)."""
+        (K, B, 1, D) with cls_only (the last block computes the CLS row alone). draw: where the
+        dropout masks come from (each branch's own, whichever route runs it); None: torch's generator."""
         training = self.branches[0].training
         shared_input = cls_only and len(self.branches[0].blocks) == 1  # see the module docstring
         if len(self.branches) > 1 and shared_input:
-            return cls_blocks_shared_input(self.stacked_weights()[0], x0, heads=self.heads,
-                                           style=self.style, dropout=self.dropout, training=training)
+            masks = None if draw is None else draw.sites(self.branch_ids, 0, stacked=True)
+            return cls_blocks_shared_input(self.stacked_weights()[0], x0, heads=self.heads, style=self.style,
+                                           dropout=self.dropout, training=training, masks=masks)
         # one branch has nothing to batch: stacking its weights would only add copies
         if len(self.branches) == 1 or (x0.device.type == "cpu" and x0.numel() >= LOOP_MIN_ELEMENTS):
-            return torch.stack([br(x0, cls_only=cls_only) for br in self.branches])
+            return torch.stack([br(x0, cls_only=cls_only, draw=draw, branch_id=b)
+                                for b, br in zip(self.branch_ids, self.branches, strict=True)])
         h = x0.unsqueeze(0).expand(len(self.branches), *x0.shape)  # (K, B, T, D)
         layers = self.stacked_weights()
         for i, weights in enumerate(layers):
+            masks = None if draw is None else draw.sites(self.branch_ids, i, stacked=True)
             h = block_forward(weights, h, heads=self.heads, style=self.style, dropout=self.dropout,
-                              training=training, cls_only=cls_only and i == len(layers) - 1)
+                              training=training, cls_only=cls_only and i == len(layers) - 1, masks=masks)
         return h

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from layerpar.model.blocks import make_block
+from layerpar.model.dropout import DropoutDraw
 from layerpar.model.fused import Branch, FusedBranchStack
 from layerpar.model.layers import Head, PatchEmbed, pool, seeded, torch_dtype
 
@@ -81,8 +82,9 @@ class ParaFormer(nn.Module):
         return self.branches[str(branch_id)]
 
     def branch_outputs(self, x0: torch.Tensor, branch_ids: Sequence[int], *,
-                       fused: bool = True) -> torch.Tensor:
-        """Pooled output of each listed branch: x0 (B, T, D) -> (K, B, D); K may be 0."""
+                       fused: bool = True, draw: DropoutDraw | None = None) -> torch.Tensor:
+        """Pooled output of each listed branch: x0 (B, T, D) -> (K, B, D); K may be 0. draw: where a
+        training forward's dropout masks come from (model/dropout.py); None: torch's generator."""
         if not branch_ids:
             return x0.new_zeros((0, x0.shape[0], x0.shape[-1]))
         # CLS pooling reads one row: the last block of each branch computes only that row.
@@ -91,9 +93,9 @@ class ParaFormer(nn.Module):
             key = tuple(branch_ids)
             stack = self._stacks.get(key)
             if stack is None:
-                stack = self._stacks[key] = FusedBranchStack([self.branch(b) for b in key])
-            return pool(stack(x0, cls_only=cls_only), self.cfg.pool)  # (K, B, D)
-        return torch.stack([pool(self.branch(b)(x0, cls_only=cls_only), self.cfg.pool)
+                stack = self._stacks[key] = FusedBranchStack([self.branch(b) for b in key], key)
+            return pool(stack(x0, cls_only=cls_only, draw=draw), self.cfg.pool)  # (K, B, D)
+        return torch.stack([pool(self.branch(b)(x0, cls_only=cls_only, draw=draw, branch_id=b), self.cfg.pool)
                             for b in branch_ids])
 
     def branch_sum(self, x0: torch.Tensor, branch_ids: Sequence[int] | None = None, *,

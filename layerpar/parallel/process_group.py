@@ -98,33 +98,50 @@ def init_from_env(*, timeout_s: float, device: torch.device | None = None) -> tu
     return rank, world
 
 
-def new_prefix_groups(world_size: int) -> dict[int, object]:
+def new_prefix_groups(world_size: int, *, timeout_s: float) -> dict[int, object]:
     """One sub-group per participant count r >= 2, holding ranks 0..r-1: a prefix model only
-    involves the workers that own its branches. Every rank must call this, in the same order."""
+    involves the workers that own its branches. Every rank must call this, in the same order.
+    Each sub-group waits for a peer at most `timeout_s` (torch's default would be 30 min on gloo)."""
+    timeout = timedelta(seconds=timeout_s)
     try:
-        groups: dict[int, object] = {r: dist.new_group(ranks=list(range(r))) for r in range(2, world_size)}
+        groups: dict[int, object] = {r: dist.new_group(ranks=list(range(r)), timeout=timeout)
+                                     for r in range(2, world_size)}
     except RuntimeError as exc:
         raise CollectiveError(f"forming the prefix sub-groups failed: {exc}") from exc
     groups[world_size] = None  # the whole group
     return groups
 
 
-def new_mesh(replicas: int, workers: int, device: torch.device) -> tuple[object, object]:
-    """The training mesh over the default group's R x W ranks: a torch device_mesh of shape
-    (replica, branch) -- rank g is replica g // W, branch rank g % W. Returns (branch group, replica
+def new_mesh(replicas: int, workers: int, device: torch.device, *, timeout_s: float) -> tuple[object, object]:
+    """The training mesh over the default group's R x W ranks, shaped (replica, branch) like a torch
+    device mesh -- rank g is replica g // W, branch rank g % W. Returns (branch group, replica
     group): the W ranks of this rank's replica, and the R ranks that own the same branches. Every
-    rank must call this, in the same order."""
-    from torch.distributed.device_mesh import init_device_mesh
-
+    rank must call this, in the same order. The groups are made with dist.new_group rather than
+    init_device_mesh so that each one waits for a peer at most `timeout_s` (init_device_mesh passes
+    no timeout: torch's default, 30 min on gloo, 10 on NCCL). `device` is the ranks' device type
+    (the default group's backend serves it)."""
     world = dist.get_world_size()
     if world != replicas * workers:
         raise RuntimeError(f"the process group has {world} ranks but the mesh is parallel.replicas "
                            f"x parallel.workers = {replicas} x {workers}")
+    rows = [[r * workers + w for w in range(workers)] for r in range(replicas)]  # a replica's ranks
+    columns = [[r * workers + w for r in range(replicas)] for w in range(workers)]  # a branch rank's
+    timeout = timedelta(seconds=timeout_s)
     try:
-        mesh = init_device_mesh(device.type, (replicas, workers), mesh_dim_names=("replica", "branch"))
+        return _member_of(rows, timeout), _member_of(columns, timeout)
     except RuntimeError as exc:
-        raise CollectiveError(f"forming the training mesh failed: {exc}") from exc
-    return mesh.get_group("branch"), mesh.get_group("replica")
+        raise CollectiveError(f"forming the training mesh on {device.type} failed: {exc}") from exc
+
+
+def _member_of(rank_lists: list[list[int]], timeout: timedelta) -> object:
+    """Make one group per rank list (every rank makes every group, in order: new_group's rule) and
+    return the one holding this rank."""
+    me, mine = dist.get_rank(), None
+    for ranks in rank_lists:
+        group = dist.new_group(ranks=ranks, timeout=timeout)
+        if me in ranks:
+            mine = group
+    return mine
 
 
 def destroy() -> None:

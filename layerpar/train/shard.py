@@ -56,8 +56,9 @@ class BranchShard:
 
     def join_group(self) -> None:
         """Join the process group from the torchrun variables; blocks until every rank joins."""
-        process_group.init_from_env(timeout_s=self.cfg.parallel.timeout_s, device=self.device)
-        for r, group in process_group.new_prefix_groups(self.layout.num_workers).items():
+        timeout_s = self.cfg.parallel.timeout_s
+        process_group.init_from_env(timeout_s=timeout_s, device=self.device)
+        for r, group in process_group.new_prefix_groups(self.layout.num_workers, timeout_s=timeout_s).items():
             self.comms[r] = GroupComm(self.layout, group)
 
     def attach_group(self) -> GroupComm:
@@ -66,7 +67,8 @@ class BranchShard:
         group of the (replica, branch) mesh; the inference sub-groups are not made."""
         replicas, workers = self.cfg.parallel.replicas, self.layout.num_workers
         if replicas > 1:
-            comm = GroupComm(self.layout, *process_group.new_mesh(replicas, workers, self.device))
+            comm = GroupComm(self.layout, *process_group.new_mesh(replicas, workers, self.device,
+                                                                  timeout_s=self.cfg.parallel.timeout_s))
         else:
             comm = GroupComm(self.layout, None)
             if comm.world_size != workers:
@@ -136,12 +138,14 @@ class BranchShard:
         self.calls["train_step"] += 1
         self.model.train()
         comm = self.comms[self.layout.num_workers]
-        rows = None
+        rows, start = None, 0
         if comm.replicas > 1:
             rows = len(y)
+            shares = torch.tensor_split(torch.arange(rows), comm.replicas)
+            start = int(shares[comm.replica][0]) if len(shares[comm.replica]) else rows
             x, y = (torch.tensor_split(torch.as_tensor(t), comm.replicas)[comm.replica] for t in (x, y))
         out = train_step(self.model, self.opt, comm, self.on_device(x), self.on_device(y), cfg=self.cfg,
-                         step=self.step, total_steps=self.total_steps, batch_rows=rows)
+                         step=self.step, total_steps=self.total_steps, batch_rows=rows, row_start=start)
         self.step = out["step"]
         return out
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerpar.model import ParaFormer
+from layerpar.model.dropout import DropoutDraw
 from layerpar.parallel.comm import sq_norm
 from layerpar.train.optim import lr_at, set_lr
 
@@ -36,12 +37,16 @@ def prefix_plan(cfg) -> list[int]:
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, comm, x: torch.Tensor,
-               y: torch.Tensor, *, cfg, step: int, total_steps: int, batch_rows: int | None = None) -> dict:
+               y: torch.Tensor, *, cfg, step: int, total_steps: int, batch_rows: int | None = None,
+               row_start: int = 0) -> dict:
     """Run every optimizer step of one batch; `step` counts optimizer steps taken before it.
 
     batch_rows: the whole batch's size when (x, y) is one replica's share of it (a training mesh):
     the loss of these rows is divided by it, so the sum over replicas (comm.sum_grads) is the whole
-    batch's mean loss and its gradient. None: (x, y) is the whole batch (the mean loss)."""
+    batch's mean loss and its gradient. None: (x, y) is the whole batch (the mean loss).
+    row_start: where the share begins in the whole batch. A Para-Former's dropout masks are drawn per
+    (train.seed, optimizer step, branch) for the whole batch and this share's rows taken
+    (model/dropout.py): every layout drops what one process drops."""
     tcfg = cfg.train
     losses, lr, norm = [], 0.0, torch.zeros(())
     for k in prefix_plan(cfg):
@@ -49,8 +54,10 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, comm, x: torch.Tens
         set_lr(opt, lr)
         opt.zero_grad(set_to_none=True)
         if isinstance(model, ParaFormer):
+            draw = DropoutDraw(seed=tcfg.seed, step=step, p=cfg.model.dropout, row_start=row_start,
+                               total_rows=batch_rows) if cfg.model.dropout > 0 else None
             x0 = model.embed(x)  # (B, T, D), replicated on every worker
-            outputs = model.branch_outputs(x0, model.prefix_ids(k))  # (K_w, B, D), own branches < k
+            outputs = model.branch_outputs(x0, model.prefix_ids(k), draw=draw)  # (K_w, B, D), own < k
             logits = model.head(comm.reduce_branch_sums(outputs, num_branches=k))
             replicated = list(model.embed.parameters()) + list(model.head.parameters())
         else:

@@ -5,13 +5,16 @@
 
 Ray Train v2's way: each Tune trial is a small driver function that builds the TorchTrainer of
 layerpar.train.raytrain (the same one launch/train.py runs) with Tune's TuneReportCallback, so every
-epoch's report reaches Tune. The grid is train.lr x train.weight_decay; the best trial is the one with
+epoch's report reaches Tune. With parallel.workers = 0 (the `tiny` config) a trial is one process: it
+trains in the trial's own Ray worker, which reserves train.threads CPUs (at least one), and reports its
+final result to Tune once. The grid is train.lr x train.weight_decay; the best trial is the one with
 the highest final validation accuracy. Each trial is an ordinary run directory,
 OUT/<sweep>/<trial id>/ (config.yaml, metrics.jsonl, checkpoints/, result.json).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,19 @@ def _trial(params: dict) -> None:
 
     cfg = from_dict(params["cfg"]).replace(train={"lr": params["lr"], "weight_decay": params["weight_decay"]})
     run_dir = Path(params["sweep_dir"]) / tune.get_context().get_trial_id()
-    run_training(cfg, run_dir, progress=False, callbacks=[TuneReportCallback()])
+    if cfg.parallel.workers >= 1:
+        run_training(cfg, run_dir, progress=False, callbacks=[TuneReportCallback()])
+        return
+    result = run_training(cfg, run_dir, progress=False)  # one process: this trial's own worker
+    tune.report({k: result[k] for k in (METRIC, "test_accuracy", "steps", "epochs")})
+
+
+def _trial_resources(cfg) -> dict[str, float]:
+    """What one trial reserves: a Ray Train trial only drives (its ranks reserve their CPUs; Tune
+    needs a non-empty bundle), a one-process trial trains in its own worker."""
+    if cfg.parallel.workers >= 1:
+        return {"CPU": 0.01}
+    return {"CPU": max(1, cfg.train.threads)}
 
 
 def sweep(cfg, *, lrs: list[float], weight_decays: list[float], concurrent: int = 1,
@@ -39,17 +54,17 @@ def sweep(cfg, *, lrs: list[float], weight_decays: list[float], concurrent: int 
     """Run the grid; returns {"sweep_dir", "best", "trials"} (one entry per trial)."""
     from layerpar.parallel.cluster import connect
 
-    if cfg.parallel.workers < 1:
-        raise ValueError("a Tune sweep runs Ray Train trials: set parallel.workers >= 1")
     name = name or f"{time.strftime('%Y%m%d-%H%M%S')}-tune-{cfg.data.name}"
     sweep_dir = (Path(cfg.train.out_dir) / name).resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    ranks = cfg.parallel.workers * cfg.parallel.replicas
-    owns_ray = connect(cfg, min_cpus=int(concurrent * ranks * cfg.parallel.cpus_per_worker))
+    if cfg.parallel.workers >= 1:
+        trial_cpus = cfg.parallel.workers * cfg.parallel.replicas * cfg.parallel.cpus_per_worker
+    else:
+        trial_cpus = _trial_resources(cfg)["CPU"]
+    owns_ray = connect(cfg, min_cpus=int(concurrent * trial_cpus))
     try:
         tuner = tune.Tuner(
-            # the trial only drives (its ranks reserve their CPUs); Tune needs a non-empty bundle
-            tune.with_resources(_trial, {"CPU": 0.01}),
+            tune.with_resources(_trial, _trial_resources(cfg)),
             param_space={"cfg": cfg.to_dict(), "sweep_dir": str(sweep_dir),
                          "lr": tune.grid_search(list(lrs)),
                          "weight_decay": tune.grid_search(list(weight_decays))},
@@ -57,15 +72,7 @@ def sweep(cfg, *, lrs: list[float], weight_decays: list[float], concurrent: int 
             run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir)),
         )
         grid = tuner.fit()
-        trials = []
-        for r in grid:
-            if r.error is not None:
-                trials.append({"params": _params(r.config), "error": str(r.error).splitlines()[0]})
-                continue
-            m = r.metrics or {}
-            trials.append({"params": _params(r.config), METRIC: m.get(METRIC),
-                           "test_accuracy": m.get("test_accuracy"), "steps": m.get("steps"),
-                           "run_dir": str(sweep_dir / r.metrics.get("trial_id", ""))})
+        trials = [trial_row(r, sweep_dir) for r in grid]
         done = [t for t in trials if t.get(METRIC) is not None]
         best = max(done, key=lambda t: t[METRIC]) if done else None
         return {"sweep_dir": str(sweep_dir), "metric": METRIC, "best": best, "trials": trials}
@@ -74,5 +81,24 @@ def sweep(cfg, *, lrs: list[float], weight_decays: list[float], concurrent: int 
             ray.shutdown()
 
 
+def trial_row(r: tune.Result, sweep_dir: Path) -> dict[str, Any]:
+    """One trial's line of the sweep's result; a trial that reported nothing has metrics None."""
+    params = _params(r.config or _params_file(r.path))
+    if r.error is not None:
+        return {"params": params, "error": str(r.error).splitlines()[0]}
+    m = r.metrics or {}
+    return {"params": params, METRIC: m.get(METRIC), "test_accuracy": m.get("test_accuracy"),
+            "steps": m.get("steps"),
+            "run_dir": str(sweep_dir / m["trial_id"]) if m.get("trial_id") else None}
+
+
+def _params_file(trial_path: str) -> dict:
+    """The trial's parameters as Tune wrote them when it started (params.json), or {}."""
+    try:
+        return json.loads((Path(trial_path) / "params.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def _params(config: dict) -> dict:
-    return {"train.lr": config["lr"], "train.weight_decay": config["weight_decay"]}
+    return {"train.lr": config.get("lr"), "train.weight_decay": config.get("weight_decay")}

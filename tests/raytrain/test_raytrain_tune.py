@@ -38,7 +38,8 @@ def test_tune_cli_help_and_bad_input():
     help_ = subprocess.run([sys.executable, str(ROOT / "launch" / "tune.py"), "--help"],
                            capture_output=True, text=True, timeout=120)
     assert help_.returncode == 0 and "train.lr x train.weight_decay" in help_.stdout
-    bad = subprocess.run([sys.executable, str(ROOT / "launch" / "tune.py"), "--config", "tiny"],
-                         capture_output=True, text=True, timeout=120)  # tiny has workers=0
+    bad = subprocess.run([sys.executable, str(ROOT / "launch" / "tune.py"), "--config", "tiny",
+                          "--set", "model.heads=3"],  # must divide model.dim (16)
+                         capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: ") \
         and len(bad.stderr.strip().splitlines()) == 1

@@ -192,3 +192,33 @@ def test_partial_model_holds_the_same_branches():
     x0 = whole.embed(images())
     with torch.no_grad():
         torch.testing.assert_close(share.branch_sum(x0), whole.branch_sum(x0, [1, 3]), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(("depth", "pool_kind"), [(1, "cls"), (2, "cls"), (2, "mean")])
+def test_dropout_masks_follow_the_branch_not_the_route(depth, pool_kind, monkeypatch):
+    """With a DropoutDraw each branch drops the same elements whichever route runs it (its own loop,
+    a fused stack of any subset, the shared-input CLS path, the large-input loop) and a share of the
+    rows gets exactly those rows' masks: distributed == one process with dropout (model/dropout.py)."""
+    import layerpar.model.fused as fused_module
+    from layerpar.model.dropout import DropoutDraw
+
+    m = ParaFormer(model_cfg(branch_depth=depth, pool=pool_kind, dropout=0.3, dtype="float64"), seed=1)
+    m.train()
+    x0 = m.embed(images(6).double())  # (B, T, D)
+    draw = DropoutDraw(seed=7, step=3, p=0.3)
+    whole = m.branch_outputs(x0, m.branch_ids, draw=draw)  # (N, B, D): all branches fused
+    alone = torch.cat([m.branch_outputs(x0, [b], draw=draw) for b in m.branch_ids])
+    pair = m.branch_outputs(x0, [1, 3], draw=draw)
+    unfused = m.branch_outputs(x0, m.branch_ids, fused=False, draw=draw)
+    for got in (alone, unfused):
+        torch.testing.assert_close(got, whole, atol=1e-12, rtol=0)
+    torch.testing.assert_close(pair, whole[[1, 3]], atol=1e-12, rtol=0)
+    monkeypatch.setattr(fused_module, "LOOP_MIN_ELEMENTS", 1)  # the large-input route
+    torch.testing.assert_close(m.branch_outputs(x0, m.branch_ids, draw=draw), whole, atol=1e-12, rtol=0)
+    # a replica's rows 2..5 of the 6-row batch get those rows' masks
+    share = m.branch_outputs(x0[2:], m.branch_ids, draw=DropoutDraw(seed=7, step=3, p=0.3, row_start=2,
+                                                                    total_rows=6))
+    torch.testing.assert_close(share, whole[:, 2:], atol=1e-12, rtol=0)
+    # and it does drop: another step draws other masks
+    other = m.branch_outputs(x0, m.branch_ids, draw=DropoutDraw(seed=7, step=4, p=0.3))
+    assert (other - whole).abs().max() > 1e-3
