@@ -10,6 +10,8 @@
     python launch/train.py --config digits --resume runs/my-run/checkpoints/step_0000420
     python launch/train.py --config digits --address auto           # an existing Ray cluster
     python launch/train.py --config digits --set train.storage=s3://bucket/runs   # checkpoints there
+    python launch/train.py --config digits --set train.storage=s3://bucket/runs \
+        --resume s3://bucket/runs/my-run/checkpoints/step_0000420           # resume from storage
     python launch/train.py --config tiny --set data.name=folder --set data.root=my_images \
         --set model.num_classes=3 --set parallel.workers=2          # your own images (train/<class>/)
 
@@ -23,9 +25,12 @@ Each run writes RUN_DIR/config.yaml (the resolved config), metrics.jsonl (one li
 checkpoints/step_NNNNNNN/ (under train.storage when set) and result.json. Progress goes to stderr (a
 bar with epoch, loss and samples/s); the last line of stdout is one JSON object: run_dir,
 test_accuracy, val_accuracy, prefix_accuracy (k = 1..N), train_seconds, total_seconds, params,
-workers, transport, epochs, steps, checkpoint, failures, restarts, trainer, storage, phases (per rank:
-step, compute, collectives and data ms per step). A bad config, a missing dataset or a bad checkpoint
-prints one line on stderr and exits with 2; a run Ray Train gives up on, one line and 1.
+workers, transport, epochs, steps, checkpoint, failures, restarts, trainer, storage, started_from (the
+checkpoint the ranks restored first), phases (per rank: step, compute, collectives and data ms per
+step). The run starts from the checkpoint it announces (docs/TRAINING.md, "Where a run starts"); Ray's
+own output goes to its logs, named in RUN_DIR/ray.log. A bad config, a missing dataset or a bad
+checkpoint (verified before Ray starts) prints one line on stderr and exits with 2; a run Ray Train
+gives up on, one line and 1.
 Same as `layerpar train ...`.
 """
 
@@ -34,6 +39,9 @@ import sys
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray stays on loopback (docs/CLUSTER.md)
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# Ray's own output (actors' and ranks' stdout, Ray Train's reports) goes to Ray's session logs, not over
+# the progress bar; RUN_DIR/ray.log says where they are (set RAY_LOG_TO_DRIVER=1 to see them here)
+os.environ.setdefault("RAY_LOG_TO_DRIVER", "0")
 
 from layerpar.train.loop import cli_main  # noqa: E402
 

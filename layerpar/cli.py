@@ -16,6 +16,7 @@ A layerpar error (bad config, missing data, bad checkpoint, ...) prints one line
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Callable
 
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"layerpar: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    if command == "train":  # Ray's worker output goes to the run's log, not the terminal (loop.py)
+        os.environ.setdefault("RAY_LOG_TO_DRIVER", "0")
     func = resolve(command)
     try:
         code = func(rest)

@@ -101,6 +101,22 @@ class DataConfig:
     augment: str = "none"
     """Training batches only: `none`, `flip` (mirror left-right, p = 1/2), `flip_crop` (flip, then
     shift by up to 2 pixels each way)."""
+    streaming: bool = False
+    """Read data.root with Ray Data as it trains (layerpar/data/streaming.py) instead of decoding the
+    whole dataset into every rank's memory (data.name must be folder). Read by the streaming source;
+    the training loop's use lands with issue 25's one loop."""
+    format: str = "folder"
+    """With data.streaming: `folder` (ROOT/train/<class>/*.png|jpg, as data.name=folder) or `parquet`
+    (ROOT/train/*.parquet and ROOT/test/*.parquet with columns `image` (encoded bytes) and `label`).
+    Read by the streaming source; the training loop's use lands with issue 25's one loop."""
+    read_parallelism: int = 0
+    """With data.streaming: Ray Data decode tasks running at once (0 = Ray Data's own choice). Read by
+    the streaming source; the training loop's use lands with issue 25's one loop."""
+    stats_images: int = 4096
+    """With data.streaming: training images decoded (an evenly spaced sample) for the per-channel
+    normalisation mean and std; at least the training split's size gives the in-memory path's
+    constants exactly. Read by the streaming source; the training loop's use lands with issue 25's
+    one loop."""
 
 
 @dataclass(frozen=True)
@@ -200,6 +216,11 @@ class ServeConfig:
     """Prometheus metrics HTTP port (0 picks a free one, -1 disables)."""
     metrics_host: str = "127.0.0.1"
     """Address the metrics endpoint binds; loopback unless told otherwise (independent of host)."""
+    http_port: int = -1
+    """Open Inference Protocol REST port (/v2/..., on `host`; 0 picks a free one, -1: off). The
+    protocol's gRPC service is always on `port`, beside layerpar.v1."""
+    model_name: str = "layerpar"
+    """The model's name in the Open Inference Protocol (/v2/models/<model_name>)."""
     max_batch: int = 64
     """Largest merged batch one engine call runs."""
     max_wait_ms: float = 0.0

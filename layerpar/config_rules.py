@@ -4,6 +4,7 @@ fields. Every failure is one ConfigError naming the field, its value and what is
 from __future__ import annotations
 
 import math
+import re
 import types
 import typing
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ POOLS = ("cls", "mean")
 DTYPES = ("float32", "float64")
 AUGMENTS = ("none", "flip", "flip_crop")
 DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "synthetic", "folder")
+DATA_FORMATS = ("folder", "parquet")
 TRAIN_MODES = ("joint", "progressive")
 TRANSPORTS = ("collective", "object_store")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -114,6 +116,15 @@ def _validate_data(d: DataConfig) -> None:
         raise ConfigError(f"data.val_fraction ({d.val_fraction}) must be in [0, 1)")
     _at_least("data.synthetic_size", d.synthetic_size, 10)
     _at_least("data.limit_train", d.limit_train, 0)
+    _one_of("data.format", d.format, DATA_FORMATS)
+    _at_least("data.read_parallelism", d.read_parallelism, 0)
+    _at_least("data.stats_images", d.stats_images, 1)
+    if d.streaming and d.name != "folder":
+        raise ConfigError(f"data.streaming reads data.root as image folders or Parquet files; it needs "
+                          f"data.name=folder, not {d.name!r}")
+    if d.format != "folder" and not d.streaming:
+        raise ConfigError(f"data.format={d.format} is read by the streaming source only; set "
+                          "data.streaming=true")
 
 
 def _validate_train(t: TrainConfig, m: ModelConfig) -> None:
@@ -170,6 +181,11 @@ def _validate_serve(s: ServeConfig) -> None:
         raise ConfigError(f"serve.port ({s.port}) must be in 0..65535")
     if not -1 <= s.metrics_port <= 65535:
         raise ConfigError(f"serve.metrics_port ({s.metrics_port}) must be in -1..65535")
+    if not -1 <= s.http_port <= 65535:
+        raise ConfigError(f"serve.http_port ({s.http_port}) must be in -1..65535")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", s.model_name):
+        raise ConfigError(f"serve.model_name ({s.model_name!r}) must be letters, digits, '_', '.' or '-' "
+                          "(it is a URL path segment)")
     for name in ("max_batch", "max_queue", "max_request_rows", "max_message_bytes"):
         _at_least(f"serve.{name}", getattr(s, name), 1)
     _at_least("serve.max_wait_ms", s.max_wait_ms, 0)

@@ -155,8 +155,17 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     ckpt_dir = resolve_checkpoint(path)
     file = ckpt_dir / MANIFEST
     try:
-        manifest = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{file}: manifest is unreadable ({exc})") from None
+    return parse_manifest(raw, file)
+
+
+def parse_manifest(raw: bytes, file: str | Path) -> dict[str, Any]:
+    """A manifest's bytes -> the manifest, checked for format; CheckpointError names `file`."""
+    try:
+        manifest = json.loads(raw.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{file}: manifest is unreadable ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{file}: not a {FORMAT} manifest")
@@ -164,6 +173,14 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         if key not in manifest:
             raise CheckpointError(f"{file}: manifest lacks {key!r}")
     return manifest
+
+
+def check_sha256(file: str | Path, data: bytes, sha256: str) -> None:
+    """CheckpointError naming `file` unless `data` hashes to `sha256`."""
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise CheckpointError(
+            f"{file}: sha256 does not match the manifest (the file is corrupted or truncated)"
+        )
 
 
 # ----------------------------------------------------------------------------- saving
@@ -302,10 +319,7 @@ def _read_verified(file: Path, sha256: str) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise CheckpointError(f"{file}: file listed in the manifest is missing")
     data = file.read_bytes()
-    if hashlib.sha256(data).hexdigest() != sha256:
-        raise CheckpointError(
-            f"{file}: sha256 does not match the manifest (the file is corrupted or truncated)"
-        )
+    check_sha256(file, data, sha256)
     try:
         return st_load(data)
     except (SafetensorError, ValueError) as exc:  # sha matched but unreadable: a bad writer

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 from tqdm import tqdm
 
@@ -27,13 +30,23 @@ from layerpar.data import DataError, batches, batches_per_epoch, load_dataset
 from layerpar.data.augment import augment
 from layerpar.train.checkpoint import (
     CHECKPOINTS,
+    MANIFEST,
     CheckpointError,
-    latest_checkpoint,
+    _restore_replaced,
     read_manifest,
-    resolve_checkpoint,
 )
 from layerpar.train.evaluate import epoch_record, evaluate
 from layerpar.train.local import LocalBackend
+from layerpar.train.metrics_log import add_metric, read_metrics, rebuild_metrics
+from layerpar.train.shard_checkpoint import (
+    find_checkpoint,
+    open_storage,
+    resolve_storage,
+    storage_uri,
+    stored_checkpoints,
+    supersede,
+    verify_stored,
+)
 from layerpar.train.step import prefix_plan
 
 
@@ -60,11 +73,6 @@ def make_run_dir(cfg, run_dir: str | Path | None) -> Path:
     return path
 
 
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def train_epoch(backend, split, cfg, *, epoch: int, skip: int, step: int, bar,
                 deadline: float | None) -> tuple[list[float], float, int, int]:
     """One pass over the training split from batch `skip` on; stops early (mid-epoch) once
@@ -89,41 +97,97 @@ def train_epoch(backend, split, cfg, *, epoch: int, skip: int, step: int, bar,
 class _Start:
     """Where a run begins: a checkpoint (or none) and what its manifest says."""
 
-    checkpoint: Path | None = None
+    checkpoint: str | None = None  # a path, or a URI on object storage
     epoch: int = 0
     skip: int = 0  # batches of `epoch` trained before the checkpoint (a mid-epoch stop)
     step: int = 0  # optimizer steps taken (the schedule's position)
     prior_seconds: float = 0.0  # training time of the runs before this one
     prior_total: float = 0.0  # their wall time (older checkpoints only stored the training time)
+    history: list | None = None  # the epoch records the checkpoint carries (None: an older one)
 
     @classmethod
-    def of(cls, checkpoint: Path | None) -> _Start:
+    def of(cls, checkpoint: str | None, manifest: dict | None) -> _Start:
         if checkpoint is None:
             return cls()
-        manifest = read_manifest(checkpoint)
         extra = manifest.get("extra", {})
         prior = float(extra.get("train_seconds", 0.0))
         return cls(checkpoint, int(manifest["epoch"]), int(extra.get("epoch_batches", 0)),
-                   int(manifest["step"]), prior, float(extra.get("total_seconds", prior)))
+                   int(manifest["step"]), prior, float(extra.get("total_seconds", prior)),
+                   extra.get("metrics"))
+
+
+def _run_root(cfg, run_dir: Path) -> tuple[Any, str]:
+    """(filesystem, path) of the run's directory on its storage: train.storage/<run name> for a
+    distributed run, the run directory itself in one process."""
+    if cfg.parallel.workers >= 1:
+        fs, root = open_storage(resolve_storage(cfg, run_dir))
+        return fs, f"{root}/{run_dir.name}"
+    return pafs.LocalFileSystem(), str(run_dir.resolve())
+
+
+def _find_resume(resume: str | Path) -> tuple[Any, str]:
+    """(filesystem, checkpoint path) of what --resume names: a checkpoint or a run directory (its
+    newest complete checkpoint), a path or a URI (file://, s3://, gs://)."""
+    fs, path = open_storage(str(resume))
+    if fs.get_file_info(path).type == pafs.FileType.NotFound \
+            and not (isinstance(fs, pafs.LocalFileSystem) and _restore_replaced(Path(path))):
+        raise CheckpointError(f"checkpoint path {str(resume)!r} does not exist")
+    found = find_checkpoint(fs, path)
+    if found is None:
+        raise CheckpointError(f"{str(resume)!r} holds no checkpoint (expected {MANIFEST}, or "
+                              f"{CHECKPOINTS}/step_* with one)")
+    return fs, found
+
+
+def start_point(cfg, run_dir: str | Path | None, resume: str | Path | None) -> tuple[Path, _Start]:
+    """The run directory and the start checkpoint, found on the run's storage and verified (every
+    file's sha256) before anything runs: --resume's checkpoint, else the newest complete checkpoint
+    of the run. An explicit resume from a checkpoint older than the run's newest starts a new
+    history: the newer checkpoints move to checkpoints/superseded-<time>/ and metrics.jsonl keeps the
+    epochs up to the start."""
+    fs = found = None
+    if resume is not None:
+        fs, found = _find_resume(resume)
+        parent = os.path.dirname(found)
+        if run_dir is None and os.path.basename(parent) == CHECKPOINTS:  # resuming a run: keep writing
+            root = os.path.dirname(parent)  # into it: its directory, or under train.storage (or on
+            in_storage = bool(cfg.train.storage) and cfg.parallel.workers >= 1 and \
+                storage_uri(fs, os.path.dirname(root)) == storage_uri(*open_storage(cfg.train.storage))
+            local = isinstance(fs, pafs.LocalFileSystem) and not in_storage  # object storage) the
+            run_dir = root if local else Path(cfg.train.out_dir) / os.path.basename(root)  # run's name
+    run_dir = make_run_dir(cfg, run_dir)
+    run_fs, root = _run_root(cfg, run_dir)
+    if found is None:
+        on_storage = stored_checkpoints(run_fs, root)
+        fs, found = run_fs, (on_storage[-1] if on_storage else None)
+    if found is None:
+        rebuild_metrics(run_dir / "metrics.jsonl", [], upto=0)
+        return run_dir, _Start()
+    manifest = verify_stored(fs, found)
+    if resume is not None:
+        moved = supersede(run_fs, root, int(manifest["step"]), time.strftime("%Y%m%d-%H%M%S"))
+        if moved:
+            print(f"resuming from an earlier checkpoint: {len(moved)} newer checkpoint(s) moved to "
+                  f"{os.path.dirname(moved[0])}", file=sys.stderr)
+    start = _Start.of(storage_uri(fs, found), manifest)
+    rebuild_metrics(run_dir / "metrics.jsonl", start.history, upto=start.epoch)
+    return run_dir, start
 
 
 def run_training(cfg, run_dir: str | Path | None = None, *, resume: str | Path | None = None,
                  progress: bool = True, callbacks: list | None = None) -> dict[str, Any]:
     """Train (or resume) one run and evaluate it on the test split; returns the result dict that
-    launch/train.py prints. `resume` is a checkpoint or run dir to start from; without it, a run dir
-    that already holds a checkpoint resumes from its latest.
+    launch/train.py prints. `resume` is a checkpoint or run dir to start from (a path or a storage
+    URI); without it, a run dir whose storage holds a checkpoint resumes from its newest complete one
+    (start_point).
 
     parallel.workers >= 1 runs under Ray Train (raytrain.fit; `callbacks` are its UserCallbacks, e.g.
     Tune's) on parallel.replicas x parallel.workers ranks; 0 trains a LocalBackend in this process."""
     t_start = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
     splits = load_dataset(cfg)  # data errors surface before anything is written
-    start_from = resolve_checkpoint(resume) if resume is not None else None
-    if start_from is not None and run_dir is None and start_from.parent.name == CHECKPOINTS:
-        run_dir = start_from.parent.parent  # resuming a run: keep writing into it
-    run_dir = make_run_dir(cfg, run_dir)
+    run_dir, start = start_point(cfg, run_dir, resume)  # verified before any rank starts
     save_config(cfg, run_dir)
-    start = _Start.of(start_from if start_from is not None else latest_checkpoint(run_dir))
     bpe = batches_per_epoch(int(splits.train.y.shape[0]), cfg.train.batch_size)
     log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else (lambda msg: None)
     if start.checkpoint is not None:
@@ -136,8 +200,14 @@ def run_training(cfg, run_dir: str | Path | None = None, *, resume: str | Path |
         result = {"run_dir": str(run_dir), **out, "kind": cfg.model.kind, "mode": cfg.train.mode,
                   "dataset": cfg.data.name}
     else:
-        run = _DrivenRun(cfg, run_dir, splits, start, bpe, log, progress, t_start=t_start)
-        result = run.run(LocalBackend)
+        with tempfile.TemporaryDirectory(prefix="layerpar-resume-") as tmp:
+            if start.checkpoint is not None and "://" in start.checkpoint:  # object storage: a local copy
+                fs, path = open_storage(start.checkpoint)
+                pafs.copy_files(path, tmp, source_filesystem=fs,
+                                destination_filesystem=pafs.LocalFileSystem())
+                start.checkpoint = tmp
+            run = _DrivenRun(cfg, run_dir, splits, start, bpe, log, progress, t_start=t_start)
+            result = run.run(LocalBackend)
     result["total_seconds"] = round(start.prior_total + time.perf_counter() - t_start, 3)  # >= train
     (run_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -193,7 +263,7 @@ class _DrivenRun:
             record = epoch_record(epoch=epoch, step=step, losses=losses, val=val, lr=lr,
                                   seconds=time.perf_counter() - t_epoch, done=done, stopped=stopped,
                                   train_seconds=start.prior_seconds + elapsed)
-            _append_jsonl(self.run_dir / "metrics.jsonl", record)
+            add_metric(self.run_dir / "metrics.jsonl", record)
             acc = "n/a" if val["accuracy"] is None else f"{val['accuracy']:.4f}"
             loss = "n/a" if record["train_loss"] is None else f"{record['train_loss']:.4f}"
             self.log(f"epoch {epoch + 1}/{t.epochs} loss {loss} val_acc {acc} "
@@ -205,6 +275,7 @@ class _DrivenRun:
                          "total_seconds": start.prior_total + time.perf_counter() - self.t0}
                 if stopped:
                     extra.update(epoch_batches=done, stopped_early=True)
+                extra["metrics"] = read_metrics(self.run_dir / "metrics.jsonl")  # this history's records
                 last = backend.save(self.run_dir, epoch=record["epoch"], extra=extra)
             if stopped or over_budget:
                 stopped = stopped or not finished

@@ -6,25 +6,37 @@ parallel.* becomes the ScalingConfig (workers, CPUs/GPUs per worker, placement s
 train.max_failures the FailureConfig, train.storage (default: the run directory's parent, so the
 checkpoints land in RUN_DIR/checkpoints) the RunConfig's storage_path, with the run directory's name as
 the run's name. Ray 2.60 runs Ray Train v2 (the default generation); its controller restarts the whole
-worker group from the latest reported checkpoint after a lost worker. The driver holds no weights and
+worker group after a lost worker. Where the ranks start is not Ray Train's choice: the driver names the
+start checkpoint (found and verified on storage), and after a restart the ranks take the newest complete
+checkpoint this attempt wrote (spmd._restart_point). Ray Train v2 would offer its last *registered*
+checkpoint, which lags the newest on storage, and, for a run of the same name and storage, the one an
+earlier attempt left in its snapshot. Rank 0 prunes old checkpoints (train.keep_checkpoints); Ray
+Train deletes none. The driver holds no weights and
 feeds no batches: it shows a progress bar from what rank 0 pushes to a small ProgressLog actor, writes
 metrics.jsonl, and builds the result from rank 0's final report.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import logging
 import os
+import re
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 from tqdm import tqdm
 
-from layerpar.train.shard_checkpoint import open_storage, storage_uri
+from layerpar.train.metrics_log import add_metric
+from layerpar.train.shard_checkpoint import open_storage, resolve_storage, storage_uri
+
+__all__ = ["fit", "resolve_storage", "ProgressLog", "TrainingError", "Watcher"]
 
 TRAINER = "ray.train.torch.TorchTrainer (Ray Train v2)"
 
@@ -55,6 +67,8 @@ class Watcher(threading.Thread):
         super().__init__(daemon=True)
         self.log, self.metrics_path, self.bar, self.say = log, metrics_path, bar, say
         self.seen, self.groups, self.restarts = 0, 0, []
+        self.started_from: str | None = None  # what the first group restored (rank 0's start event)
+        self._lock = threading.Lock()  # one poll at a time: stop() may poll beside a late run()
         self.nodes: dict[int, str] = {}
         self.pids: dict[int, list[int]] = {}
         self.killed: list[dict] = []
@@ -65,19 +79,22 @@ class Watcher(threading.Thread):
         while not self._halt.wait(0.5):
             self.poll()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop polling and take the events not seen yet. A poll still running after `timeout` (a
+        slow actor) is waited for, not run beside: the same events would be taken twice."""
         self._halt.set()
-        self.join(timeout=10)
+        self.join(timeout=timeout)
         self.poll()
 
     def poll(self) -> None:
-        try:
-            events = ray.get(self.log.since.remote(self.seen), timeout=30)
-        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
-            return
-        self.seen += len(events)
-        for e in events:
-            getattr(self, "_on_" + e["kind"])(e)
+        with self._lock:
+            try:
+                events = ray.get(self.log.since.remote(self.seen), timeout=30)
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+                return
+            self.seen += len(events)
+            for e in events:
+                getattr(self, "_on_" + e["kind"])(e)
 
     def _on_start(self, e: dict) -> None:
         self.nodes[e["rank"]] = e["node"]
@@ -85,6 +102,8 @@ class Watcher(threading.Thread):
         if e["rank"] != 0:
             return
         self.groups += 1
+        if self.groups == 1:
+            self.started_from = e["restored"]
         if self.groups > 1:  # Ray Train restarted the worker group
             self.restarts.append({"checkpoint": e["restored"], "epoch": e["epoch"], "step": e["step"]})
             self.say(f"worker group restarted by Ray Train from {e['restored'] or 'the start'} "
@@ -101,8 +120,7 @@ class Watcher(threading.Thread):
 
     def _on_epoch(self, e: dict) -> None:
         r = e["record"]
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(r) + "\n")
+        add_metric(self.metrics_path, r)  # keyed by epoch: an epoch trained again stays one line
         acc = "n/a" if r["val_accuracy"] is None else f"{r['val_accuracy']:.4f}"
         loss = "n/a" if r["train_loss"] is None else f"{r['train_loss']:.4f}"
         self.say(f"epoch {r['epoch']} loss {loss} val_acc {acc} lr {r['lr']:.2e} {r['seconds']:.1f}s")
@@ -114,7 +132,7 @@ class Watcher(threading.Thread):
         self.killed.append(e)
 
 
-def _trainer(cfg, run_dir: Path, storage: str, config: dict, callbacks: list | None):
+def _trainer(cfg, name: str, storage: str, config: dict, callbacks: list | None):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -129,34 +147,81 @@ def _trainer(cfg, run_dir: Path, storage: str, config: dict, callbacks: list | N
                                      resources_per_worker=resources, placement_strategy=p.placement),
         # NCCL between GPUs, gloo between CPUs; a collective waits at most parallel.timeout_s
         torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo", timeout_s=int(p.timeout_s)),
-        run_config=RunConfig(name=run_dir.name, storage_path=storage,
+        # rank 0 prunes the checkpoints (spmd: by step, on storage), so Ray Train deletes none
+        run_config=RunConfig(name=name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                             checkpoint_config=CheckpointConfig(num_to_keep=None),
                              callbacks=callbacks or [],
                              logging_config=LoggingConfig(log_level="WARNING")))  # no per-report lines
 
 
 def _chaos_spec() -> dict | None:
-    """LAYERPAR_CHAOS_KILL="epoch=E,rank=R" (tests only): see spmd._chaos."""
-    import os
-
+    """Tests only. LAYERPAR_CHAOS_KILL="epoch=E,rank=R[,when=saved]": see spmd._chaos;
+    LAYERPAR_CHAOS_SLOW_PUBLISH=S: rank 0 takes S seconds more to publish each checkpoint."""
+    spec: dict = {}
     raw = os.environ.get("LAYERPAR_CHAOS_KILL")
-    if not raw:
-        return None
-    parts = dict(kv.split("=", 1) for kv in raw.split(","))
-    return {"epoch": int(parts["epoch"]), "rank": int(parts["rank"])}
+    if raw:
+        parts = dict(kv.split("=", 1) for kv in raw.split(","))
+        spec.update(epoch=int(parts["epoch"]), rank=int(parts["rank"]), when=parts.get("when", "reported"))
+    if os.environ.get("LAYERPAR_CHAOS_SLOW_PUBLISH"):
+        spec["slow_publish_s"] = float(os.environ["LAYERPAR_CHAOS_SLOW_PUBLISH"])
+    return spec or None
 
 
-def resolve_storage(cfg, run_dir: Path) -> str:
-    """train.storage, or the run directory's parent (absolute: Ray Train needs one)."""
-    storage = cfg.train.storage or str(run_dir.resolve().parent)
-    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+_RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Timeout|Interrupt)\w*: ")
 
 
-def fit(cfg, run_dir: Path, *, start_from: Path | None, bpe: int, initial: int = 0,
+def _cause(exc: Exception) -> str:
+    """The one line that says why Ray Train gave up: a rank's own error (the last line of its
+    traceback), not the header of Ray's."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    cause = next(iter(failures.values()), None) if failures else getattr(exc, "controller_failure", None)
+    lines = [ln.strip() for ln in str(cause if cause is not None else exc).strip().splitlines() if ln.strip()]
+    raised = [ln for ln in lines if _RAISED.match(ln)]  # "SomeError: message", a traceback's last line
+    return (raised[-1] if raised else lines[0] if lines else type(exc).__name__)[:400]
+
+
+@contextlib.contextmanager
+def ray_log(run_dir: Path, say):
+    """Ray's driver-side log lines go to RUN_DIR/ray.log for the run, with where Ray keeps the workers'
+    output (not shown here when RAY_LOG_TO_DRIVER=0, as launch/train.py sets it)."""
+    path = run_dir / "ray.log"
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("ray")
+    saved = logger.handlers[:], logger.propagate
+    logger.handlers, logger.propagate = [handler], False
+    try:
+        node = getattr(ray._private.worker, "_global_node", None)
+        if node is not None:
+            handler.stream.write(f"Ray's worker and actor output: {node.get_logs_dir_path()}\n")
+        say(f"Ray's log: {path}")
+        yield path
+    finally:
+        logger.handlers, logger.propagate = saved
+        handler.close()
+
+
+def _forget_snapshot(fs, run_root: str) -> None:
+    """Remove Ray Train v2's checkpoint list of an earlier attempt of this run (its snapshot in the
+    run's directory). Ray Train would restore it under the same name and storage, hand the ranks its
+    last registered checkpoint, and refuse to start once rank 0 has pruned one it lists; the driver
+    names the start checkpoint itself (loop.start_point)."""
+    try:
+        from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME as name
+    except ImportError:  # another Ray release: its file name
+        name = "checkpoint_manager_snapshot.json"
+    path = f"{run_root}/{name}"
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def fit(cfg, run_dir: Path, *, start_from: str | None, bpe: int, initial: int = 0,
         progress: bool = True, callbacks: list | None = None) -> dict[str, Any]:
     """Run the TorchTrainer to the end; returns the run's result fields (loop.run_training adds the
-    rest). Raises TrainingError when Ray Train gives up."""
+    rest). `start_from`: the start checkpoint (a path or URI), found and verified by the caller: the
+    ranks start from it, and from this attempt's own newest checkpoint after a restart. Raises
+    TrainingError when Ray Train gives up."""
     from ray.train import TrainingFailedError
 
     from layerpar.parallel.cluster import connect
@@ -173,18 +238,21 @@ def fit(cfg, run_dir: Path, *, start_from: Path | None, bpe: int, initial: int =
     watcher = Watcher(log, run_dir / "metrics.jsonl", bar, say)
     watcher.bar_per_epoch = bpe
     # epochs without a checkpoint are reported only to a listener (Tune): see layerpar.train.spmd
-    config = {"cfg": cfg.to_dict(), "start": str(start_from) if start_from else None, "progress": log,
-              "report_epochs": bool(callbacks), "chaos": _chaos_spec()}
+    attempt = f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    config = {"cfg": cfg.to_dict(), "start": start_from, "progress": log, "root": f"{root}/{run_dir.name}",
+              "attempt": attempt, "report_epochs": bool(callbacks), "chaos": _chaos_spec()}
     ranks = cfg.parallel.workers * cfg.parallel.replicas
     mesh = f"{cfg.parallel.replicas} replicas x {cfg.parallel.workers} branch ranks" \
         if cfg.parallel.replicas > 1 else f"{cfg.parallel.workers} workers"
     say(f"run {run_dir}: {TRAINER}, {mesh}, storage {storage}")
+    _forget_snapshot(fs, f"{root}/{run_dir.name}")
     watcher.start()
     try:
-        result = _trainer(cfg, run_dir, storage, config, callbacks).fit()
+        with ray_log(run_dir, say):
+            result = _trainer(cfg, run_dir.name, storage, config, callbacks).fit()
     except TrainingFailedError as exc:
         raise TrainingError(f"distributed training failed (train.max_failures={cfg.train.max_failures}): "
-                            f"{str(exc).strip().splitlines()[0][:300]}") from exc
+                            f"{_cause(exc)}") from exc
     finally:
         watcher.stop()
         bar.close()
@@ -204,6 +272,7 @@ def fit(cfg, run_dir: Path, *, start_from: Path | None, bpe: int, initial: int =
         "stopped_early": m["stopped_early"],
         "checkpoint": None if ckpt is None else (ckpt if ckpt == config["start"] else storage_uri(fs, ckpt)),
         "failures": len(watcher.restarts), "restarts": watcher.restarts, "trainer": TRAINER,
+        "started_from": watcher.started_from,
         "storage": storage_uri(fs, f"{root}/{run_dir.name}"), "phases": m["phases"],
         "worker_pids": [watcher.pids.get(r, []) for r in range(ranks)],
         **({"chaos_kills": watcher.killed} if watcher.killed else {}),

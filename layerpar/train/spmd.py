@@ -9,8 +9,10 @@ rows (one all_gather) and the replicated gradients with the squared branch norms
 an all_gather on gloo, an all_reduce on NCCL) cross the process group per optimizer step
 (layerpar.parallel.comm). Each CPU rank runs on its own cores (parallel.pin_cpus). Every prefix model
 is evaluated inside the loop; checkpoints are written by every rank (shard_checkpoint.py) and reported with
-ray.train.report, and after a lost worker Ray Train restarts the group, which resumes from
-ray.train.get_checkpoint() exactly where that checkpoint left off.
+ray.train.report, and after a lost worker Ray Train restarts the group, which resumes exactly where
+the newest complete checkpoint of this attempt on storage left off (the driver's start checkpoint if
+there is none yet): not from ray.train.get_checkpoint(), which is Ray Train's last *registered*
+checkpoint, possibly older, or one of an earlier attempt of the same run name.
 
 What is reported: every checkpoint and the final result; an epoch without a checkpoint only when a
 listener asked for it (config["report_epochs"]: Tune's TuneReportCallback). The driver needs none of
@@ -24,7 +26,9 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
 
+import pyarrow.fs as pafs
 import ray.train
 import torch
 
@@ -33,10 +37,19 @@ from layerpar.data import batches, batches_per_epoch, load_dataset
 from layerpar.data.augment import augment
 from layerpar.model.paraformer import prefix_sums
 from layerpar.parallel.affinity import pin_rank
-from layerpar.train.checkpoint import load_checkpoint, step_dir_name
+from layerpar.train.checkpoint import CheckpointError, load_checkpoint, step_dir_name
 from layerpar.train.evaluate import epoch_record, evaluate
 from layerpar.train.shard import BranchShard, TimedComm
-from layerpar.train.shard_checkpoint import checkpoint_path, clean_staging, save_sharded
+from layerpar.train.shard_checkpoint import (
+    checkpoint_path,
+    clean_staging,
+    open_storage,
+    prune_stored,
+    save_sharded,
+    stored_checkpoints,
+    stored_manifest,
+    wait_published,
+)
 from layerpar.train.step import prefix_plan
 
 PROGRESS_EVERY_S = 0.5  # rank 0 tells the driver how far it is at most this often
@@ -60,33 +73,54 @@ class ShardEval:
         return model.head(prefix_sums(rows)).cpu()
 
 
-def _restore(shard: BranchShard, config: dict) -> tuple[dict | None, str | None]:
-    """Load the latest reported checkpoint (after a restart) or the run's starting one; returns its
-    manifest and where it came from."""
-    reported = ray.train.get_checkpoint()
-    if reported is None and not config.get("start"):
+def _restart_point(fs, root: str, config: dict) -> str | None:
+    """Where this group starts (rank 0 decides, every rank of the mesh takes its answer): the newest
+    complete checkpoint on storage that this attempt wrote (Ray Train restarted the group after a
+    failure), else the attempt's start checkpoint (the one the driver announced), else None. Ray
+    Train's own get_checkpoint() is not asked: it is the last *registered* checkpoint, which can be
+    older than the newest complete one, or one of an earlier attempt of the same run."""
+    for path in reversed(stored_checkpoints(fs, root)):
+        try:
+            if stored_manifest(fs, path).get("extra", {}).get("attempt") == config.get("attempt"):
+                return path
+        except CheckpointError:
+            continue
+    return config.get("start")
+
+
+def _load(fs, path: str, pieces: list[str]):
+    if "://" in path:  # the driver's start checkpoint, named by URI (it may be on another store)
+        fs, path = open_storage(path)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return load_checkpoint(path, pieces=pieces)
+    with ray.train.Checkpoint(path=path, filesystem=fs).as_directory() as local:  # downloaded first
+        return load_checkpoint(local, pieces=pieces)
+
+
+def _restore(shard: BranchShard, comm, fs, root: str, config: dict) -> tuple[dict | None, str | None]:
+    """Load this group's start point (_restart_point); returns its manifest and its path on `fs`."""
+    where = _restart_point(fs, root, config) if comm.rank == 0 and comm.replica == 0 else None
+    where = comm.share_objects(where, mesh=True)[0]  # rank 0's choice, on every rank of the mesh
+    if where is None:
         return None, None
-    wanted = shard.pieces(replicated=True).keys()
-    if reported is not None:
-        with reported.as_directory() as local:  # downloaded first if the storage is remote
-            ckpt = load_checkpoint(local, pieces=list(wanted))
-        where = reported.path
-    else:
-        ckpt, where = load_checkpoint(config["start"], pieces=list(wanted)), config["start"]
+    ckpt = _load(fs, where, list(shard.pieces(replicated=True).keys()))
     shard.load(ckpt.tensors, ckpt.optim, ckpt.step)
     return ckpt.manifest, where
 
 
-def _chaos(config: dict, rank: int, epoch: int, restored: bool, progress) -> None:
-    """Fault injection for the tests (LAYERPAR_CHAOS_KILL="epoch=E,rank=R" on the driver): rank R
-    SIGKILLs itself once epoch E's checkpoint is reported, in a group that did not restore one."""
+def _chaos(config: dict, rank: int, epoch: int, restored: bool, progress, point: str = "reported") -> None:
+    """Fault injection for the tests (LAYERPAR_CHAOS_KILL="epoch=E,rank=R[,when=saved]" on the
+    driver): rank R SIGKILLs itself once epoch E's checkpoint is reported (when=saved: once it is
+    written, before Ray Train registers it), in a group that did not restore one."""
     spec = config.get("chaos")
-    if not spec or restored or spec["rank"] != rank or spec["epoch"] != epoch:
+    if not spec or "rank" not in spec or restored or spec["rank"] != rank or spec["epoch"] != epoch \
+            or spec.get("when", "reported") != point:
         return
-    # wait until Ray Train has registered the checkpoint just reported: a rank that dies before the
-    # controller collects every rank's report loses that checkpoint (the group would restart from the
-    # one before), and "killed after checkpoint E" would not be what happened
-    ray.train.get_all_reported_checkpoints(timeout_s=120)
+    if point == "reported":
+        # wait until Ray Train has registered the checkpoint just reported: a rank that dies before
+        # the controller collects every rank's report loses that checkpoint from Ray Train's list,
+        # and "killed after checkpoint E was reported" would not be what happened
+        ray.train.get_all_reported_checkpoints(timeout_s=120)
     if progress is not None:
         ray.get(progress.push.remote({"kind": "killed", "rank": rank, "pid": os.getpid(), "epoch": epoch}))
     os.kill(os.getpid(), signal.SIGKILL)
@@ -155,7 +189,7 @@ def set_up_rank(cfg) -> list[int]:
                     threads=cfg.parallel.threads_per_worker)
 
 
-def _start(cfg, config: dict, rank: int):
+def _start(cfg, config: dict, rank: int, fs, root: str):
     """Threads, device, cores, dataset, this rank's shard and its comm, restored state."""
     set_up_rank(cfg)
     torch.manual_seed(cfg.train.seed)
@@ -163,14 +197,16 @@ def _start(cfg, config: dict, rank: int):
     bpe = batches_per_epoch(len(splits.train), cfg.train.batch_size)
     shard, comm = BranchShard.attached(cfg, global_rank=rank,
                                        total_steps=cfg.train.epochs * bpe * len(prefix_plan(cfg)))
-    manifest, where = _restore(shard, config)
+    manifest, where = _restore(shard, comm, fs, root, config)
     return splits, bpe, shard, comm, manifest, where
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train's per-worker function. config: cfg (Config dict), start (a checkpoint path or
-    None), progress (the driver's ProgressLog actor or None), report_epochs (also report the epochs
-    without a checkpoint), chaos (tests only)."""
+    """Ray Train's per-worker function. config: cfg (Config dict), start (the start checkpoint's
+    path on the storage filesystem, verified by the driver, or None), root (the run's directory on
+    that filesystem), attempt (this driver attempt's id, stamped on its checkpoints), progress (the
+    driver's ProgressLog actor or None), report_epochs (also report the epochs without a
+    checkpoint), chaos (tests only)."""
     run = _Run(config)
     t, clock = run.cfg.train, run.clock
     for epoch in range(run.start_epoch, t.epochs):
@@ -178,9 +214,11 @@ def train_loop_per_worker(config: dict) -> None:
         finished = epoch + 1 == t.epochs
         checkpoint, t0 = None, time.perf_counter()
         save = stopped or finished or over or (epoch + 1) % t.checkpoint_every == 0
+        run.history.append(record)
         if save:
             checkpoint = run.save(record)  # the ray.train.Checkpoint on rank 0, None elsewhere
             t0 = clock.add("checkpoint_s", t0)
+        _chaos(config, run.rank, record["epoch"], run.where is not None, run.progress, "saved")
         if run.progress is not None and run.rank == 0:
             run.progress.push.remote({"kind": "epoch", "record": record})
         if save or config.get("report_epochs"):  # the same on every rank: they report together
@@ -202,11 +240,17 @@ class _Run:
         self.cfg, self.t0 = from_dict(config["cfg"]), time.perf_counter()
         ctx = ray.train.get_context()
         self.rank, storage = ctx.get_world_rank(), ctx.get_storage()
-        self.fs, self.root = storage.storage_filesystem, storage.experiment_fs_path
-        self.progress = config.get("progress")
-        self.splits, self.bpe, self.shard, self.comm, manifest, self.where = _start(self.cfg, config,
-                                                                                    self.rank)
+        # the run's directory on storage (the driver's STORAGE/<run name>); Ray Train's own directory
+        # for this attempt is elsewhere (raytrain.fit)
+        self.fs, self.root = storage.storage_filesystem, config.get("root") or storage.experiment_fs_path
+        self.config, self.progress = config, config.get("progress")
+        self.splits, self.bpe, self.shard, self.comm, manifest, self.where = _start(
+            self.cfg, config, self.rank, self.fs, self.root)
         self.extra = (manifest or {}).get("extra", {})
+        # every epoch record of this history, carried by each checkpoint (metrics.jsonl is rebuilt
+        # from the start checkpoint's, so a record in flight when the driver died is not lost)
+        self.history = [r for r in self.extra.get("metrics", []) if r["epoch"] <= int(manifest["epoch"])] \
+            if manifest else []
         self.start_epoch = int((manifest or {}).get("epoch", 0))
         self.skip = int(self.extra.get("epoch_batches", 0))
         self.prior = float(self.extra.get("train_seconds", 0.0))
@@ -248,13 +292,21 @@ class _Run:
                  "total_seconds": float(self.extra.get("total_seconds", self.prior)) + now - self.t0}
         if "epoch_batches" in record:
             extra.update(epoch_batches=record["epoch_batches"], stopped_early=True)
+        extra.update(attempt=self.config.get("attempt"), metrics=self.history)
         self.ckpt_epoch = record["epoch"]
+        token = self.comm.share_objects(uuid.uuid4().hex[:8], mesh=True)[0]  # rank 0's, every rank
         if self.comm.replica == 0:
+            slow = (self.config.get("chaos") or {}).get("slow_publish_s", 0.0)  # tests only
             self.ckpt_path = save_sharded(self.fs, self.root, self.shard, self.comm, cfg=self.cfg,
-                                          step=self.shard.step, epoch=self.ckpt_epoch, extra=extra)
+                                          step=self.shard.step, epoch=self.ckpt_epoch, extra=extra,
+                                          token=token, publish_delay_s=slow)
         else:
             self.ckpt_path = checkpoint_path(self.root, self.shard.step)
-        return ray.train.Checkpoint(path=self.ckpt_path, filesystem=self.fs) if self.rank == 0 else None
+        if self.rank != 0:  # rank 0 publishes; the others wait for it here, with the save's own bound
+            wait_published(self.fs, self.ckpt_path, token, self.cfg.train.save_timeout_s)
+            return None
+        prune_stored(self.fs, self.root, self.cfg.train.keep_checkpoints)
+        return ray.train.Checkpoint(path=self.ckpt_path, filesystem=self.fs)
 
     def finish(self) -> None:
         """Test every prefix, gather every rank's step-time split, and report the end."""

@@ -175,3 +175,50 @@ def test_vit_checkpoint_uses_one_blocks_file(tmp_path, tiny_cfg):
         "manifest.json", "embed.safetensors", "blocks.safetensors", "head.safetensors"}
     restored = LocalBackend(cfg, checkpoint=path)
     assert all(torch.equal(v, restored.state_dict()[k]) for k, v in backend.state_dict().items())
+
+
+class _Pieces:
+    """What save_sharded reads of a shard: its pieces (here the whole model's) and their optim state."""
+
+    def __init__(self, state: dict) -> None:
+        from layerpar.train.checkpoint import split_pieces
+
+        self._pieces = split_pieces(state)
+
+    def pieces(self, *, replicated: bool) -> dict:
+        return self._pieces
+
+    def optim_pieces(self, *, replicated: bool) -> dict:
+        return {}
+
+
+def test_object_store_save_writes_in_place_and_peers_wait_with_their_own_bound(tmp_path):
+    """On a store that is not a local filesystem (an object store: here pyarrow's SubTreeFileSystem,
+    which is no LocalFileSystem) a save copies nothing: the files go straight into the checkpoint's
+    directory and the manifest, last, carries the save's id, which wait_published waits for with
+    train.save_timeout_s; an earlier save of the same step does not count."""
+    import pyarrow.fs as pafs
+
+    from layerpar.config import load_config
+    from layerpar.model import ParaFormer
+    from layerpar.parallel.comm import LocalComm
+    from layerpar.train.shard_checkpoint import SaveTimeout, save_sharded, wait_published
+
+    cfg = load_config("tiny")
+    fs = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    model = ParaFormer(cfg.model, seed=0)
+    final = save_sharded(fs, "run", _Pieces(model.state_dict()), LocalComm(), cfg=cfg, step=5, epoch=1,
+                         token="first")
+    assert final == "run/checkpoints/step_0000005"
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_0000005"]
+    wait_published(fs, final, "first", timeout_s=5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    save_sharded(fs, "run", _Pieces(model.state_dict()), LocalComm(), cfg=cfg, step=5, epoch=1,
+                 token="second")  # the same step again: rewritten in place
+    wait_published(fs, final, "second", timeout_s=5)
+    got = model_state(load_checkpoint(tmp_path / final))  # every sha256 verified
+    assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(SaveTimeout, match=r"not published within train.save_timeout_s=0.3 s"):
+        wait_published(fs, final, "third", timeout_s=0.3)

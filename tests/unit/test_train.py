@@ -140,6 +140,22 @@ def test_resume_path_continues_in_its_run_dir(tmp_path, tiny_cfg):
     assert again["run_dir"] == first["run_dir"] and again["epochs"] == 2
 
 
+def test_resume_from_an_earlier_checkpoint_starts_a_new_history(tmp_path, tiny_cfg):
+    """--resume of the epoch-1 checkpoint of a finished 3-epoch run (one process): it trains epochs 2
+    and 3 again to the same bits, the newer checkpoints move aside, metrics.jsonl has each epoch once."""
+    cfg = tiny_cfg.replace(train={"epochs": 3, "keep_checkpoints": 5})
+    full = run_training(cfg, tmp_path / "run", progress=False)
+    want = final_weights(full)
+    first = list_checkpoints(tmp_path / "run")[0]
+    again = run_training(cfg, resume=f"file://{first}", progress=False)  # a storage URI as well
+    assert again["run_dir"] == full["run_dir"] and again["steps"] == full["steps"]
+    assert_same_weights(final_weights(again), want)
+    (aside,) = (tmp_path / "run" / "checkpoints").glob("superseded-*")
+    assert len(list(aside.iterdir())) == 2  # the abandoned history's epoch-2 and epoch-3 checkpoints
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(s)["epoch"] for s in lines] == [1, 2, 3]
+
+
 def test_training_is_deterministic(tmp_path, tiny_cfg):
     a = run_training(tiny_cfg, tmp_path / "a", progress=False)
     b = run_training(tiny_cfg, tmp_path / "b", progress=False)
