@@ -1,17 +1,20 @@
-"""Serve a trained Para-Former over gRPC (layerpar.v1) until SIGTERM / Ctrl-C.
+"""Serve a trained Para-Former over gRPC (layerpar.v1 and the Open Inference Protocol) until SIGTERM.
 
     python launch/serve.py --checkpoint runs/<run>                  # latest checkpoint, 127.0.0.1:50051
     python launch/serve.py --checkpoint runs/<run> --port 0 --metrics-port 9100
+    python launch/serve.py --checkpoint runs/<run> --http-port 8000      # + OIP REST: /v2/models/layerpar
     python launch/serve.py --checkpoint runs/<run> --set parallel.workers=2     # 2 Ray branch workers
     python launch/serve.py --checkpoint runs/<run> --set serve.degraded=allow   # answer through worker loss
     LAYERPAR_SERVE_TOKEN=... python launch/serve.py --checkpoint runs/<run> --host 0.0.0.0 \
         --set serve.tls_cert=cert.pem --set serve.tls_key=key.pem
     python launch/predict.py --address 127.0.0.1:50051                      # then, from another shell
 
-Prints "serving layerpar.v1.Inference on HOST:PORT ..." once it serves. On SIGTERM it turns health
-NOT_SERVING, refuses new calls, finishes in-flight requests and exits; the last stdout line is one JSON
-object (address, requests by status, engine calls, drained). Same as `layerpar serve`. The token comes
-from LAYERPAR_SERVE_TOKEN or serve.token_file only; a port already taken is exit 2 before Ray starts.
+Prints "serving layerpar.v1.Inference on HOST:PORT ..." once it serves (gRPC: it and the Open
+Inference Protocol's inference.GRPCInferenceService on --port; REST on --http-port). On SIGTERM it
+turns health NOT_SERVING, refuses new calls, finishes in-flight requests and exits; the last stdout
+line is one JSON object (address, requests by status, engine calls, drained). Same as `layerpar serve`.
+The token comes from LAYERPAR_SERVE_TOKEN or serve.token_file only; a port already taken is exit 2
+before Ray starts.
 """
 
 import os

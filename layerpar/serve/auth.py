@@ -82,9 +82,14 @@ def _deny(kind: str):
     return make[kind]()
 
 
+# The Open Inference Protocol's health calls, open like grpc.health.v1 (its metadata and ModelInfer are not).
+OPEN_METHODS = tuple(f"/inference.GRPCInferenceService/{m}"
+                     for m in ("ServerLive", "ServerReady", "ModelReady"))
+
+
 def is_open(method: str) -> bool:
     """True for health and reflection calls ("/grpc.health.v1.Health/Check", ...)."""
-    return method.lstrip("/").rpartition("/")[0] in OPEN_SERVICES
+    return method.lstrip("/").rpartition("/")[0] in OPEN_SERVICES or method in OPEN_METHODS
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):

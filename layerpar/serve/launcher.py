@@ -2,6 +2,7 @@
 
     layerpar serve --checkpoint runs/<run>                           # the run's latest checkpoint
     layerpar serve --checkpoint runs/<run>/checkpoints/step_0000420 --port 0 --metrics-port 9100
+    layerpar serve --checkpoint runs/<run> --http-port 8000      # + Open Inference Protocol REST (/v2)
     layerpar serve --checkpoint runs/<run> --set parallel.workers=2 --set serve.max_wait_ms=2
     layerpar serve --config digits                                   # fresh (untrained) weights: demos
 
@@ -40,7 +41,8 @@ def resolve(args) -> tuple[object, Path | None, dict]:
     else:
         cfg = manifest_config(manifest, ckpt_dir / "manifest.json")
     serve = {}
-    for flag, key in (("host", "host"), ("port", "port"), ("metrics_port", "metrics_port")):
+    for flag, key in (("host", "host"), ("port", "port"), ("metrics_port", "metrics_port"),
+                      ("http_port", "http_port")):
         if getattr(args, flag) is not None:
             serve[key] = getattr(args, flag)
     cfg = _with_sets(cfg, args.set)
@@ -83,8 +85,9 @@ def check_port_free(host: str, port: int, what: str) -> None:
         try:
             sock.bind(addr)
         except OSError as exc:
+            flags = "--http-port" if what == "REST" else "--port / --metrics-port"
             raise OSError(f"cannot serve {what} on {host}:{port}: {exc.strerror}; stop whatever holds "
-                          "the port or choose another (--port / --metrics-port, 0 for a free one)") from None
+                          f"the port or choose another ({flags}, 0 for a free one)") from None
 
 
 def classes_of(manifest: dict) -> list[str] | None:
@@ -103,7 +106,8 @@ async def _serve(cfg, backend, *, classes, checkpoint_id, token, prefix_accuracy
                              prefix_accuracy=prefix_accuracy)
     address = await server.start()
     started = time.monotonic()
-    print(f"serving layerpar.v1.Inference on {address}"
+    print(f"serving layerpar.v1.Inference on {address}  (and inference.GRPCInferenceService)"
+          + (f"  REST {server.http_url}/v2" if server.http_url else "")
           + (f"  metrics {server.metrics_url}" if server.metrics_url else "")
           + ("  (TLS)" if cfg.serve.tls_cert else "") + ("  (token required)" if token else ""),
           flush=True)
@@ -121,7 +125,7 @@ async def _serve(cfg, backend, *, classes, checkpoint_id, token, prefix_accuracy
             if sample.name.endswith("_total"):
                 key = f"{sample.labels['method']}:{sample.labels['status']}"
                 counts[key] = int(sample.value)
-    return {"address": address, "metrics": server.metrics_url,
+    return {"address": address, "http": server.http_url, "metrics": server.metrics_url,
             "served_s": round(time.monotonic() - started, 3),
             "drained": finished, "requests": counts, "engine_calls": server.batcher.calls,
             "rows_computed": server.batcher.rows_computed}
@@ -148,6 +152,9 @@ def serve_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", help="bind address (default serve.host = 127.0.0.1)")
     ap.add_argument("--port", type=int, help="gRPC port (0: a free one)")
     ap.add_argument("--metrics-port", type=int, help="Prometheus port (0: a free one, -1: off)")
+    ap.add_argument("--http-port", type=int,
+                    help="Open Inference Protocol REST port, /v2/... (0: a free one, -1: off; "
+                         "default serve.http_port)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="config override, repeatable")
     args = ap.parse_args(argv)
@@ -162,6 +169,8 @@ def serve_main(argv: list[str] | None = None) -> int:
         check_port_free(cfg.serve.host, cfg.serve.port, "gRPC")  # before Ray and the engine start
         if cfg.serve.metrics_port > 0:
             check_port_free(cfg.serve.metrics_host, cfg.serve.metrics_port, "metrics")
+        if cfg.serve.http_port > 0:
+            check_port_free(cfg.serve.host, cfg.serve.http_port, "REST")
         if ckpt_dir is None:
             print("warning: no --checkpoint: serving freshly initialised (untrained) weights",
                   file=sys.stderr)

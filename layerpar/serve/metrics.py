@@ -2,7 +2,8 @@
 
 Served as text on http://127.0.0.1:<serve.metrics_port>/metrics:
 
-    layerpar_requests_total{method, status}     calls by gRPC status code name
+    layerpar_requests_total{method, status}     calls by gRPC status code name (Open Inference Protocol:
+                                                ModelInfer, ...; over REST http:ModelInfer, ...)
     layerpar_rows_total                         input rows answered
     layerpar_batch_rows                         histogram: rows per engine call (the batch size)
     layerpar_batch_requests                     histogram: requests merged into one engine call

@@ -5,7 +5,9 @@
 
 In Python (tests, benchmarks): ``with ServerThread(cfg, backend) as srv: Client(srv.address)``.
 
-Services: layerpar.v1.Inference (Predict, ModelInfo), grpc.health.v1.Health (SERVING only while the
+Services: layerpar.v1.Inference (Predict, ModelInfo), the Open Inference Protocol's
+inference.GRPCInferenceService (oip_grpc.py; its REST twin on serve.http_port: http_oip.py; both call
+InferenceServer.answer, as Predict does), grpc.health.v1.Health (SERVING only while the
 backend reports every worker up, or for replica groups (parallel.replicas) while one group is whole;
 NOT_SERVING while draining or degraded below serve.min_live_fraction) and server reflection. The
 batcher runs one batch per replica group at once, dispatching on idle; with serve.latency_slo_ms a
@@ -25,6 +27,7 @@ import logging
 import math
 import threading
 import time
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -34,6 +37,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from layerpar.model.overflow import InputOverflow, nonfinite_rows, overflow_message
 from layerpar.serve import layerpar_v1_pb2 as pb
+from layerpar.serve import oip_grpc, oip_pb
 from layerpar.serve.auth import TokenAuth, resolve_token, server_credentials
 from layerpar.serve.batching import Batcher, DeadlineExpired, Draining, QueueFull
 from layerpar.serve.codec import BadRequest, InputSpec, decode_request, encode_response, parse_request
@@ -54,6 +58,22 @@ PROBE_SHARE = 0.6  # of the health probe's bound, what the backend may spend on 
 METHOD_LABELS = {f"/{service.full_name}/{m.name}": m.name for service in (
     pb.DESCRIPTOR.services_by_name["Inference"], health_pb2.DESCRIPTOR.services_by_name["Health"],
     reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]) for m in service.methods}
+METHOD_LABELS.update({f"/{oip_pb.SERVICE}/{m}": m for m in oip_pb.METHODS})  # the Open Inference Protocol
+
+
+DRAINING = "the server is draining (shutting down); send the request elsewhere"
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One request's answer, before any protocol encodes it."""
+
+    logits: np.ndarray  # (B, num_classes) float32: this caller's rows only
+    num_branches: int  # branches whose sum produced it
+    degraded: bool
+    branches_used: list[int]
+    timings_ms: dict[str, float]
+    batch_rows: int  # rows in the merged engine call
 
 
 def method_label(method: str) -> str:
@@ -102,6 +122,8 @@ class InferenceServer:
                                           work=getattr(backend, "prefix_work", None),
                                           min_branches=self.floor.k)
         self._draining = False
+        self.serving = False  # what health says (SERVING), for the Open Inference Protocol's ready calls
+        self.http = self.http_port = self.http_url = None  # the OIP's REST front end (serve.http_port)
         self._engine_failed = False
         self._inflight = 0
 
@@ -131,7 +153,7 @@ class InferenceServer:
             "ModelInfo": grpc.unary_unary_rpc_method_handler(
                 self.model_info, request_deserializer=pb.ModelInfoRequest.FromString,
                 response_serializer=pb.ModelInfoResponse.SerializeToString),
-        }),))
+        }), oip_grpc.handlers(self)))  # the Open Inference Protocol on the same port
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -150,6 +172,12 @@ class InferenceServer:
             mport = self.metrics.start_http(s.metrics_host, s.metrics_port)
             mhost = f"[{s.metrics_host}]" if ":" in s.metrics_host else s.metrics_host
             self.metrics_url = f"http://{mhost}:{mport}/metrics"
+        if s.http_port >= 0:
+            from layerpar.serve.http_oip import HttpFrontEnd
+
+            self.http = HttpFrontEnd(self, token=self.token)
+            self.http_port = await self.http.start(s.host, s.http_port, cert=s.tls_cert, key=s.tls_key)
+            self.http_url = f"{'https' if s.tls_cert else 'http'}://{host}:{self.http_port}"
         await self._check_health()
         self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
         return self.address
@@ -157,6 +185,7 @@ class InferenceServer:
     async def begin_drain(self) -> None:
         """Health NOT_SERVING from now on; new Predict calls get UNAVAILABLE; queued ones still run."""
         self._draining = True
+        self.serving = False
         self.metrics.serving.set(0)
         await self.health.enter_graceful_shutdown()
 
@@ -176,6 +205,8 @@ class InferenceServer:
         self._health_task.cancel()
         # Only long-lived streams (health Watch) can be left; give them a moment, not the whole grace.
         await self.server.stop(min(0.2, max(0.0, end - loop.time())))
+        if self.http is not None:
+            await self.http.stop()
         await loop.run_in_executor(None, self.batcher.close, max(1.0, end - loop.time()))
         self.metrics.stop_http()
         return finished
@@ -190,6 +221,7 @@ class InferenceServer:
             return
         for name in ("", SERVICE):
             await self.health.set(name, SERVING if serving else NOT_SERVING)
+        self.serving = serving
         self.metrics.serving.set(1 if serving else 0)
 
     async def _check_health(self) -> None:
@@ -275,12 +307,31 @@ class InferenceServer:
     async def _predict(self, raw: bytes, context) -> pb.PredictResponse | tuple[Code, str]:
         t0 = time.perf_counter()
         if self._draining:
-            return Code.UNAVAILABLE, "the server is draining (shutting down); send the request elsewhere"
+            return Code.UNAVAILABLE, DRAINING
         try:
             d = decode_request(parse_request(raw), self.spec)
         except BadRequest as exc:
             return Code.INVALID_ARGUMENT, str(exc)
-        remaining = context.time_remaining()
+        out = await self.answer(d, context.time_remaining(), t0)
+        if not isinstance(out, Answer):
+            return out
+        return encode_response(out.logits, d, num_branches=out.num_branches, degraded=out.degraded,
+                               branches_used=out.branches_used, timings_ms=out.timings_ms,
+                               batch_rows=out.batch_rows)
+
+    async def answer(self, d, remaining_s: float | None, t0: float) -> Answer | tuple[Code, str]:
+        """A decoded request through the batcher and the engine: its Answer, or (status, one sentence).
+        Every protocol's calls come here (layerpar.v1 Predict, the Open Inference Protocol's
+        ModelInfer over gRPC and HTTP). remaining_s: the caller's deadline; t0: perf_counter at arrival."""
+        if self._draining:
+            return Code.UNAVAILABLE, DRAINING
+        self._inflight += 1
+        try:
+            return await self._answer(d, remaining_s, t0)
+        finally:
+            self._inflight -= 1
+
+    async def _answer(self, d, remaining: float | None, t0: float) -> Answer | tuple[Code, str]:
         deadline = time.monotonic() + remaining if remaining is not None and remaining < 1e8 else None
         try:
             future = self.batcher.submit(d.x, d.num_branches, deadline, min_branches=d.min_branches)
@@ -317,8 +368,8 @@ class InferenceServer:
         timings["total"] = (time.perf_counter() - t0) * 1e3
         if self.planner is not None:  # the server's own time around the queue and the engine call
             self.planner.observe_overhead(timings["total"] / 1e3 - out.queue_s - meta["timings"]["backend"])
-        return encode_response(out.logits, d, num_branches=len(used) if degraded else k, degraded=degraded,
-                               branches_used=used, timings_ms=timings, batch_rows=out.batch_rows)
+        return Answer(out.logits, num_branches=len(used) if degraded else k, degraded=degraded,
+                      branches_used=used, timings_ms=timings, batch_rows=out.batch_rows)
 
     async def model_info(self, request, context) -> pb.ModelInfoResponse:
         m, s = self.cfg.model, self.cfg.serve
