@@ -3,20 +3,17 @@ model is a real Para-Former; every fault is a real SIGKILL or a real stall."""
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 
 from tests.faults.helpers import load_chaos
+from tests.local_ray import start_local_ray
 
 
 @pytest.fixture(scope="session")
 def local_ray():
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
+    started = start_local_ray()  # tests/local_ray.py
     yield ray
     if started:
         ray.shutdown()

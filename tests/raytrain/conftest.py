@@ -3,7 +3,6 @@ helpers its tests share: tiny configs, runs of the single process and of the wor
 
 from __future__ import annotations
 
-import logging
 import os
 
 import pytest
@@ -12,15 +11,12 @@ import torch
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
 
+from tests.local_ray import start_local_ray
+
 
 @pytest.fixture(scope="session")
 def local_ray():
-    # 4 logical CPUs on a 2-core machine: 3 one-CPU ranks (one thread each) plus a Tune trial fit;
-    # they only time-share the cores. Ray Train's controller takes none.
-    started = not ray.is_initialized()
-    if started:
-        os.environ.setdefault("RAY_worker_niceness", "0")  # ranks do the work; not behind the driver
-        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
+    started = start_local_ray()  # tests/local_ray.py: how many CPUs and why
     yield ray
     if started:
         ray.shutdown()

@@ -3,10 +3,9 @@ Every model here is a real Para-Former; nothing is mocked."""
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 
+from tests.local_ray import start_local_ray
 from tests.serve.helpers import tiny_cfg
 
 
@@ -14,8 +13,7 @@ from tests.serve.helpers import tiny_cfg
 def ray_local():
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address="local", include_dashboard=False, num_cpus=4, logging_level=logging.WARNING)
+    start_local_ray()  # tests/local_ray.py
     yield
     ray.shutdown()
 
