@@ -72,6 +72,10 @@ class ModelConfig:
     """Parameter and compute dtype: `float32`, or `float64` to prove the distributed algebra equal to
     the single-process one at ~1e-16 rounding (the parity tests use it). Inputs stay float32 on the
     wire and are cast by the embedding; checkpoints load into either dtype."""
+    compile: bool = False
+    """torch.compile the fused branch stack (the branches' forward, where the compute is) wherever a
+    shard or worker builds the model; opt-in: the first steps pay the compile time (seconds to
+    minutes) and a C compiler is needed. Off: eager, bit-for-bit as before."""
 
     @property
     def attn_dim(self) -> int:
@@ -163,6 +167,11 @@ class TrainConfig:
     frozen_branches: int = 0
     """Keep branches 0..n-1, the embedding and the head fixed and train only the branches after them
     (expansion); progressive steps then start at prefix n+1. 0 trains everything."""
+    precision: str = "float32"
+    """Compute precision of training, evaluation and serving: `float32`, or mixed precision
+    `bfloat16` (CPU or GPU) / `float16` (GPU only, with a gradient scaler) under torch.autocast.
+    Master weights and optimizer state stay in model.dtype (float32), and the branch rows are
+    reduced between ranks in float32."""
 
 
 @dataclass(frozen=True)
@@ -178,6 +187,10 @@ class ParallelConfig:
     """`collective` (torch.distributed inside the worker group) or `object_store` (Ray reduces)."""
     placement: str = "PACK"
     """Ray placement strategy of the workers' bundles: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD."""
+    placement_group: str = "own"
+    """Where the workers' bundles come from: `own` (each engine reserves a placement group) or
+    `current` (bundles 1..W of the placement group the engine is created in: a Ray Serve replica's,
+    whose bundle 0 holds the replica itself; layerpar/serve/ray_serve.py)."""
     cpus_per_worker: float = 1.0
     """CPUs reserved for each worker."""
     gpus_per_worker: float = 0.0
@@ -265,6 +278,14 @@ class ServeConfig:
     """How often the health service asks the engine whether its workers are up."""
     min_live_fraction: float = 1.0
     """Health says SERVING only while at least this share of the workers is alive (1.0: all of them)."""
+    ray_min_replicas: int = 1
+    """Ray Serve deployment (layerpar/serve/ray_serve.py): fewest replicas, each one branch group."""
+    ray_max_replicas: int = 1
+    """Ray Serve deployment: most replicas autoscaling may start (= ray_min_replicas: no autoscaling)."""
+    ray_target_ongoing_requests: float = 8.0
+    """Ray Serve autoscaling: requests in flight per replica it aims at (more: add a replica)."""
+    ray_max_ongoing_requests: int = 64
+    """Ray Serve: most requests one replica takes at once (its batcher merges them)."""
 
 
 @dataclass(frozen=True)

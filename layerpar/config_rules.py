@@ -22,12 +22,14 @@ MODEL_KINDS = ("paraformer", "vit")
 BLOCK_STYLES = ("prenorm", "reference")
 POOLS = ("cls", "mean")
 DTYPES = ("float32", "float64")
+PRECISIONS = ("float32", "bfloat16", "float16")
 AUGMENTS = ("none", "flip", "flip_crop")
 DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "synthetic", "folder")
 DATA_FORMATS = ("folder", "parquet")
 TRAIN_MODES = ("joint", "progressive")
 TRANSPORTS = ("collective", "object_store")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+PLACEMENT_GROUPS = ("own", "current")
 DEGRADED = ("wait", "allow")
 HEALTH_AUTH = ("open", "token")
 
@@ -80,6 +82,9 @@ def validate(cfg: Config) -> None:
     _validate_data(cfg.data)
     _validate_train(cfg.train, cfg.model)
     _validate_parallel(cfg.parallel, cfg.model)
+    if cfg.train.precision == "float16" and cfg.parallel.gpus_per_worker <= 0:
+        raise ConfigError("train.precision=float16 needs a GPU (parallel.gpus_per_worker >= 1): CPU autocast "
+                          "has no float16 gradient scaling; use bfloat16 on CPU")
     if cfg.parallel.replicas > cfg.train.batch_size:
         raise ConfigError(f"parallel.replicas ({cfg.parallel.replicas}) must be <= train.batch_size "
                           f"({cfg.train.batch_size}): each replica trains on its share of every batch")
@@ -149,6 +154,10 @@ def _validate_train(t: TrainConfig, m: ModelConfig) -> None:
     _at_least("train.keep_checkpoints", t.keep_checkpoints, 1)
     if t.save_timeout_s <= 0:
         raise ConfigError(f"train.save_timeout_s ({t.save_timeout_s}) must be > 0")
+    _one_of("train.precision", t.precision, PRECISIONS)
+    if t.precision != "float32" and m.dtype != "float32":
+        raise ConfigError(f"train.precision={t.precision} is mixed precision over float32 master weights; "
+                          f"it needs model.dtype=float32, not {m.dtype}")
 
 
 def _validate_parallel(p: ParallelConfig, m: ModelConfig) -> None:
@@ -166,6 +175,7 @@ def _validate_parallel(p: ParallelConfig, m: ModelConfig) -> None:
                           "group is W Ray branch workers")
     _one_of("parallel.transport", p.transport, TRANSPORTS)
     _one_of("parallel.placement", p.placement, PLACEMENTS)
+    _one_of("parallel.placement_group", p.placement_group, PLACEMENT_GROUPS)
     _at_least("parallel.cpus_per_worker", p.cpus_per_worker, 0)
     _at_least("parallel.gpus_per_worker", p.gpus_per_worker, 0)
     _at_least("parallel.threads_per_worker", p.threads_per_worker, 1)
@@ -202,3 +212,10 @@ def _validate_serve(s: ServeConfig) -> None:
         raise ConfigError(f"serve.min_live_fraction ({s.min_live_fraction}) must be in [0, 1]")
     if (s.tls_cert is None) != (s.tls_key is None):
         raise ConfigError("serve.tls_cert and serve.tls_key must be given together")
+    _at_least("serve.ray_min_replicas", s.ray_min_replicas, 1)
+    if s.ray_max_replicas < s.ray_min_replicas:
+        raise ConfigError(f"serve.ray_max_replicas ({s.ray_max_replicas}) must be >= serve.ray_min_replicas "
+                          f"({s.ray_min_replicas})")
+    if s.ray_target_ongoing_requests <= 0:
+        raise ConfigError(f"serve.ray_target_ongoing_requests ({s.ray_target_ongoing_requests}) must be > 0")
+    _at_least("serve.ray_max_ongoing_requests", s.ray_max_ongoing_requests, 1)

@@ -23,7 +23,14 @@ from layerpar.parallel.comm import failed_collective
 from layerpar.parallel.layout import BranchLayout
 from layerpar.runtime.errors import WorkerError
 from layerpar.runtime.heartbeat import Heartbeat, WorkerSilent
-from layerpar.runtime.placement import PlacementError, bundle_strategy, node_alive, place_workers, release
+from layerpar.runtime.placement import (
+    PlacementError,
+    bundle_strategy,
+    current_group_bundles,
+    node_alive,
+    place_workers,
+    release,
+)
 from layerpar.runtime.transport import Transport
 from layerpar.runtime.worker import RemoteBranchWorker
 
@@ -53,6 +60,10 @@ class WorkerGroup:
                                    startup_timeout_s=self.startup_timeout_s)
         self._generation = 0
         self._pg = None
+        # parallel.placement_group `current`: the workers take bundles 1..W of the caller's group (a
+        # Ray Serve replica's; bundle 0 is the replica), which the group neither reserves nor removes.
+        self._borrowed = cfg.parallel.placement_group == "current"
+        self._first_bundle = 1 if self._borrowed else 0
         self.workers: list = []
         self.placement: list[dict] = []
         self.placement_fallbacks = 0  # times the group left its pinned node (gone or full)
@@ -69,6 +80,9 @@ class WorkerGroup:
         """Reserve the group's bundles: on its pinned node while that node is alive; once it is gone
         (or cannot fit the group in time), on any node with room, said in the log and counted in
         `placement_fallbacks` (the server's layerpar_placement_fallbacks)."""
+        if self._borrowed:
+            self._pg = current_group_bundles(self.cfg.parallel)
+            return
         if self.node_id is not None:
             if node_alive(self.node_id):
                 try:
@@ -90,7 +104,7 @@ class WorkerGroup:
         self._generation += 1
         return RemoteBranchWorker.options(
             num_cpus=p.cpus_per_worker, num_gpus=p.gpus_per_worker,
-            scheduling_strategy=bundle_strategy(self._pg, rank),
+            scheduling_strategy=bundle_strategy(self._pg, self._first_bundle + rank),
             name=f"layerpar-{self.id}-w{rank}.{self._generation}",  # launch/chaos.py finds it by name
         ).remote(self.cfg.to_dict(), rank, self.total_steps)
 
@@ -149,7 +163,8 @@ class WorkerGroup:
         for w in self.workers:
             kill(w)
         self.workers = []
-        release(self._pg)
+        if not self._borrowed:  # a borrowed group is its owner's (Ray Serve removes a replica's)
+            release(self._pg)
         self._pg = None
 
     # ------------------------------------------------------------------ calls

@@ -42,6 +42,20 @@ def place_workers(pcfg, node_id: str | None = None) -> PlacementGroup:
     return pg
 
 
+def current_group_bundles(pcfg) -> PlacementGroup:
+    """The placement group this process runs in, for an engine whose workers take its bundles 1..W
+    (parallel.placement_group `current`: a Ray Serve replica, in bundle 0 of its own group)."""
+    pg = ray.util.get_current_placement_group()
+    if pg is None:
+        raise PlacementError("parallel.placement_group is 'current' but this process runs in no placement "
+                             "group; use 'own', or create the engine inside a Ray Serve replica that has "
+                             "placement_group_bundles")
+    if len(pg.bundle_specs) < pcfg.workers + 1:
+        raise PlacementError(f"the current placement group has {len(pg.bundle_specs)} bundles; "
+                             f"{pcfg.workers} workers need {pcfg.workers + 1} (bundle 0 is the caller's)")
+    return pg
+
+
 def node_alive(node_id: str) -> bool:
     """Whether the Ray node with this id is in the cluster and alive."""
     return any(n.get("NodeID") == node_id and n.get("Alive") for n in ray.nodes())

@@ -30,6 +30,17 @@ from layerpar.serve.oip import HTTP_STATUS, OUTPUT, VERSION, Code, OipError, Oip
 HEADER = "Inference-Header-Content-Length"
 EXTENSIONS = ["binary_tensor_data"]
 LABEL = "http:"  # metrics: REST calls count under method "http:<the gRPC method's name>"
+# (HTTP method, path, HttpFrontEnd handler, the gRPC method's name): the aiohttp app here and the Ray
+# Serve ingress (serve/ray_serve.py) route the same table to the same handlers.
+ROUTES = [("GET", "/v2/health/live", "live", "ServerLive"),
+          ("GET", "/v2/health/ready", "ready", "ServerReady"),
+          ("GET", "/v2", "server_metadata", "ServerMetadata"),
+          ("GET", "/v2/models/{name}", "metadata", "ModelMetadata"),
+          ("GET", "/v2/models/{name}/versions/{version}", "metadata", "ModelMetadata"),
+          ("GET", "/v2/models/{name}/ready", "model_ready", "ModelReady"),
+          ("GET", "/v2/models/{name}/versions/{version}/ready", "model_ready", "ModelReady"),
+          ("POST", "/v2/models/{name}/infer", "infer", "ModelInfer"),
+          ("POST", "/v2/models/{name}/versions/{version}/infer", "infer", "ModelInfer")]
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -46,17 +57,8 @@ class HttpFrontEnd:
         self.open_health = server.cfg.serve.health_auth == "open"
         self.app = web.Application(client_max_size=server.cfg.serve.max_message_bytes,
                                    middlewares=[self._guard])
-        routes = [("GET", "/v2/health/live", self.live, "ServerLive"),
-                  ("GET", "/v2/health/ready", self.ready, "ServerReady"),
-                  ("GET", "/v2", self.server_metadata, "ServerMetadata"),
-                  ("GET", "/v2/models/{name}", self.metadata, "ModelMetadata"),
-                  ("GET", "/v2/models/{name}/versions/{version}", self.metadata, "ModelMetadata"),
-                  ("GET", "/v2/models/{name}/ready", self.model_ready, "ModelReady"),
-                  ("GET", "/v2/models/{name}/versions/{version}/ready", self.model_ready, "ModelReady"),
-                  ("POST", "/v2/models/{name}/infer", self.infer, "ModelInfer"),
-                  ("POST", "/v2/models/{name}/versions/{version}/infer", self.infer, "ModelInfer")]
-        for i, (method, path, handler, name) in enumerate(routes):  # names must be unique identifiers
-            self.app.router.add_route(method, path, handler, name=f"{name}.r{i}")
+        for i, (method, path, handler, name) in enumerate(ROUTES):  # names must be unique identifiers
+            self.app.router.add_route(method, path, getattr(self, handler), name=f"{name}.r{i}")
         self.runner = None
 
     async def start(self, host: str, port: int, *, cert: str | None, key: str | None) -> int:
@@ -79,7 +81,11 @@ class HttpFrontEnd:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler):
-        info = request.match_info.route.name or ""
+        return await self.guarded(request.match_info.route.name or "", request, handler)
+
+    async def guarded(self, info: str, request, handler):
+        """handler(request) behind the token check, with errors as the protocol's JSON and every call
+        counted; info: the route's name ("ModelInfer.r7"). The Ray Serve ingress calls it too."""
         method = LABEL + (info.partition(".")[0] or "unknown")
         health = info.startswith(("ServerLive.", "ServerReady.", "ModelReady."))
         if self._expected is not None and not (health and self.open_health):

@@ -27,7 +27,9 @@ pytestmark = pytest.mark.cluster
 CLUSTER_DIR = REPO / "cluster"
 LAUNCHER_YAMLS = sorted(p for p in CLUSTER_DIR.glob("*.yaml") if not p.name.startswith("kuberay"))
 KUBERAY = CLUSTER_DIR / "kuberay-rayjob.yaml"
-ALL_YAMLS = [*LAUNCHER_YAMLS, KUBERAY]
+RAYSERVICE = CLUSTER_DIR / "kuberay-rayservice.yaml"
+ALL_YAMLS = [*LAUNCHER_YAMLS, KUBERAY, RAYSERVICE]
+TRAINING_YAMLS = [*LAUNCHER_YAMLS, KUBERAY]
 ids = [p.name for p in ALL_YAMLS]
 launcher_ids = [p.name for p in LAUNCHER_YAMLS]
 
@@ -145,7 +147,7 @@ def _train_args(cmd: str) -> list[str]:
     return words[words.index("launch/train.py") + 1:]
 
 
-@pytest.mark.parametrize("path", ALL_YAMLS, ids=ids)
+@pytest.mark.parametrize("path", TRAINING_YAMLS, ids=[p.name for p in TRAINING_YAMLS])
 def test_training_commands_are_valid(path):
     """The train.py arguments in each header (and the RayJob entrypoint) parse, and their config
     loads: a stale flag or config key in the docs fails here, not on a cluster."""
@@ -225,6 +227,78 @@ def test_kuberay_rayjob_structure():
     assert overrides["parallel.placement"] == "STRICT_SPREAD"
 
 
+# RayServiceSpec's fields in KubeRay v1.5 (ray-operator/apis/ray/v1/rayservice_types.go): a misspelt
+# key would be dropped silently by the API server's pruning, so the manifest may use these only.
+RAYSERVICE_SPEC = {"serveConfigV2", "rayClusterConfig", "upgradeStrategy", "serveService",
+                   "excludeHeadPodFromServeSvc", "rayClusterDeletionDelaySeconds", "suspend", "managedBy"}
+RAYCLUSTER_SPEC = {"rayVersion", "enableInTreeAutoscaling", "autoscalerOptions", "authOptions",
+                   "headGroupSpec", "workerGroupSpecs", "headServiceAnnotations", "suspend", "managedBy",
+                   "gcsFaultToleranceOptions", "upgradeStrategy"}
+
+
+def test_kuberay_rayservice_header_gives_the_commands():
+    cmds = header_commands(RAYSERVICE)
+    assert any(c.startswith("kubectl apply -f cluster/kuberay-rayservice.yaml") for c in cmds)
+    assert any(c.startswith("kubectl delete -f cluster/kuberay-rayservice.yaml") for c in cmds)
+    assert any(c.startswith("kubectl create secret generic layerpar-serve-token") for c in cmds)
+
+
+def test_kuberay_rayservice_structure():
+    """The RayService's keys are the CRD's; its serveConfigV2 passes Ray Serve's own schema (what
+    KubeRay posts to Serve's REST API) and builds layerpar's application; one replica's group fits
+    the GPU pods, and the autoscaler may start as many pods as serve.ray_max_replicas groups need."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from layerpar.serve.ray_serve import REPLICA_CPUS, build_app, deployment_options, replica_config
+
+    text = RAYSERVICE.read_text()
+    for word, value in FILLED.items():  # Serve's schema wants a real URI where the placeholder is
+        text = re.sub(rf"\b{word}\b", value, text)
+    doc = yaml.safe_load(text)
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayService"
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"])
+    spec = doc["spec"]
+    assert set(spec) <= RAYSERVICE_SPEC, set(spec) - RAYSERVICE_SPEC
+    assert spec["upgradeStrategy"]["type"] in ("NewCluster", "NewClusterWithIncrementalUpgrade", "None")
+    serve_raw = yaml.safe_load(spec["serveConfigV2"])
+    serve_cfg = ServeDeploySchema.model_validate(serve_raw)
+    assert serve_cfg.http_options.port == 8000 and not serve_raw.get("grpc_options")
+    (app,) = serve_cfg.applications
+    assert app.import_path == "layerpar.serve.ray_serve:app" and app.route_prefix == "/"
+    assert set(app.runtime_env) == {"working_dir", "pip", "config"}
+    assert app.runtime_env["config"]["setup_timeout_seconds"] > 600
+    build_app(dict(app.args))  # the args resolve to a layerpar config and a deployment
+    from layerpar.serve.launcher import resolve
+
+    ns = type("Args", (), {"checkpoint": None, "config": app.args["config"], "set": app.args["set"],
+                           "host": None, "port": None, "metrics_port": None, "http_port": None})
+    cfg = replica_config(resolve(ns)[0])
+    options = deployment_options(cfg)
+    bundles = options["placement_group_bundles"]
+    assert bundles[0] == {"CPU": REPLICA_CPUS} and len(bundles) == cfg.parallel.workers + 1
+    cluster = spec["rayClusterConfig"]
+    assert set(cluster) <= RAYCLUSTER_SPEC, set(cluster) - RAYCLUSTER_SPEC
+    assert cluster["rayVersion"] == ray.__version__ and cluster["authOptions"] == {"mode": "token"}
+    assert cluster["enableInTreeAutoscaling"] is True
+    head = cluster["headGroupSpec"]
+    assert all(isinstance(v, str) for v in head["rayStartParams"].values())  # KubeRay wants strings
+    (head_container,) = head["template"]["spec"]["containers"]
+    assert head_container["image"].startswith(f"rayproject/ray:{ray.__version__}-")
+    ports = {p["name"]: p["containerPort"] for p in head_container["ports"]}
+    assert ports["serve"] == 8000 and ports["dashboard"] == 8265 and ports["gcs-server"] == 6379
+    (group,) = cluster["workerGroupSpecs"]
+    assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    (worker,) = group["template"]["spec"]["containers"]
+    assert worker["image"] == f"rayproject/ray:{ray.__version__}-py311-gpu"
+    gpus = worker["resources"]["limits"]["nvidia.com/gpu"]
+    assert all(b.get("GPU", 0) <= gpus for b in bundles[1:]) and cfg.parallel.gpus_per_worker == 1
+    w, s = cfg.parallel.workers, cfg.serve
+    assert group["minReplicas"] >= s.ray_min_replicas * w and group["maxReplicas"] >= s.ray_max_replicas * w
+    for container in (head_container, worker):  # the token from a Secret, never a value in the file
+        (env,) = [e for e in container["env"] if e["name"] == "LAYERPAR_SERVE_TOKEN"]
+        assert set(env) == {"name", "valueFrom"}
+
+
 def test_versions_match_the_pinned_ray():
     pyproject = (REPO / "pyproject.toml").read_text()
     pins = re.findall(r'"ray\[([a-z,]+)\]==([0-9.]+)"', pyproject)
@@ -243,6 +317,9 @@ SHIPPED_PLACEHOLDERS = {"aws.yaml": {"provider.region": "AWS_REGION", "provider.
                                      "available_node_types.ray.head.default.node_config.ImageId": "AMI_ID"},
                         "gcp.yaml": {"provider.project_id": "GCP_PROJECT_ID",
                                      "provider.region": "GCP_REGION"},
+                        "kuberay-rayservice.yaml": {
+                            "metadata.namespace": "NAMESPACE",
+                            "spec.serveConfigV2.applications[0].runtime_env.working_dir": "REPO_ARCHIVE_URL"},
                         "kuberay-rayjob.yaml": {"metadata.namespace": "NAMESPACE",
                                                 "spec.runtimeEnvYAML.working_dir": "REPO_ARCHIVE_URL"}}
 
@@ -288,7 +365,7 @@ def test_local_yaml_passes_and_the_cli_exits_2_on_placeholders():
 
 
 # CAPITALISED words that are real values, not placeholders.
-REAL_VALUES = {"TERMINATE", "PERSISTENT", "STRICT_SPREAD", "CPU", "GPU", "README"}
+REAL_VALUES = {"TERMINATE", "PERSISTENT", "STRICT_SPREAD", "CPU", "GPU", "README", "LAYERPAR_SERVE_TOKEN"}
 
 
 @pytest.mark.parametrize("path", ALL_YAMLS, ids=ids)
