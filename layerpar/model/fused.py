@@ -72,7 +72,8 @@ class FusedBranchStack:
         if torch.is_grad_enabled():
             self._cache_key = self._cache = None
             return self._stack()
-        key = tuple((id(p), p._version) for p in self._params())
+        # .to()/.float() swap a parameter's storage without touching its version: key on the storage too
+        key = tuple((id(p), p._version, p.data_ptr(), p.dtype, p.device) for p in self._params())
         if key != self._cache_key:
             self._cache, self._cache_key = self._stack(), key
         return self._cache

@@ -222,3 +222,20 @@ def test_dropout_masks_follow_the_branch_not_the_route(depth, pool_kind, monkeyp
     # and it does drop: another step draws other masks
     other = m.branch_outputs(x0, m.branch_ids, draw=DropoutDraw(seed=7, step=4, p=0.3))
     assert (other - whole).abs().max() > 1e-3
+
+
+def test_fused_weight_cache_follows_a_dtype_change():
+    """The no-grad path caches the stacked weights; .float() after a float64 forward must not reuse them
+    (it raised "mixed dtype" before the cache keyed on the storage)."""
+    import torch
+
+    from layerpar.config import ModelConfig
+    from layerpar.model import ParaFormer
+
+    model = ParaFormer(ModelConfig(dtype="float64", num_branches=4, branch_depth=2)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        model(x)
+        model.float()
+        got = model(x)
+    assert got.dtype == torch.float32
