@@ -4,6 +4,7 @@
     python launch/train.py --config launch/configs/digits.yaml --set parallel.workers=0   # one process
     python launch/train.py --config digits_vit                      # the serial baseline, same blocks
     python launch/train.py --config digits --set train.mode=progressive   # every prefix a classifier
+    python launch/train.py --config digits --set train.precision=bfloat16 # mixed precision (autocast)
     python launch/train.py --config fashion_mnist                   # >= 0.90 within 15 min on 2 cores
     python launch/train.py --config tiny --out-dir /tmp/runs        # seconds, synthetic data
     python launch/train.py --config digits --run-dir runs/my-run    # resumes if it holds a checkpoint
@@ -19,7 +20,7 @@ With parallel.workers >= 1 the run is a Ray Train job (ray.train.torch.TorchTrai
 every rank runs the whole loop on its share of the branches; parallel.* sets the ScalingConfig,
 train.max_failures the FailureConfig (a lost worker restarts the group from the latest checkpoint) and
 train.storage (default: the run directory's parent; a path or s3:// / gs:// URI) the RunConfig.
-parallel.workers=0 trains in this process without Ray.
+parallel.workers=0 runs the same loop in this process as a world of one, without Ray.
 
 Each run writes RUN_DIR/config.yaml (the resolved config), metrics.jsonl (one line per epoch),
 checkpoints/step_NNNNNNN/ (under train.storage when set) and result.json. Progress goes to stderr (a

@@ -1,9 +1,8 @@
 """The engine the driver uses: W branch workers on Ray, one broadcast, one reduce.
 
-    with Engine(cfg, total_steps=1000) as engine:
+    with Engine(cfg, checkpoint="runs/x") as engine:
         logits = engine.infer(x)                 # x (B, C, H, W) float32
-        engine.train_step(x, y)
-        engine.save("runs/x/checkpoints/step_0000001", epoch=1)
+        engine.save("runs/y/checkpoints/step_0000001", epoch=1)
 
 Inference: the driver hands every worker the same one copy of the batch and sends every request
 before awaiting any reply (runtime/transport.py: a shared-memory slot and the socket fast path when
@@ -23,9 +22,9 @@ by the call that needed it; a background recovery (runtime/faults.py) restarts i
 restores its weights from the engine's object-store snapshot and re-forms the group, and idempotent
 calls (infer, prefix_logits, state reads) are retried. serve.degraded=wait blocks calls until then;
 serve.degraded=allow answers infer_with_meta from the surviving branches meanwhile, marked degraded.
-A training step is not retried: it raises WorkerError, and the caller restarts from its last
-checkpoint (training runs train under Ray Train, which restarts its own worker group: train/raytrain.py;
-Engine.train_step stays for the tests whose engine's weights must move).
+The engine does not train: training runs the one training loop (train/rank_loop.py) under Ray Train,
+which owns and restarts its own worker group (train/raytrain.py); an engine's weights come from its
+seed or a checkpoint (load), and train.precision's autocast applies to its workers' forward.
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ from layerpar.runtime.faults import Faults
 from layerpar.runtime.group import WorkerGroup
 from layerpar.runtime.inputs import check_input, prefix_size
 from layerpar.runtime.recovery import Restore
-from layerpar.runtime.transport import broadcast_ref, merge_timings
+from layerpar.runtime.transport import merge_timings
 from layerpar.runtime.worker import as_tensor
 
 __all__ = ["ClusterError", "Engine", "WorkerError", "connect"]
@@ -145,9 +144,7 @@ class Engine:
                ) -> tuple[torch.Tensor, dict[str, float]]:
         """(logits, this call's seconds per phase). The timings travel with the result: two callers
         sharing the engine (a replica set's slots) would read each other's from `last_timings`."""
-        f, g = self.faults, self.group
-        if f.state is Restore.SNAPSHOT and f.snapshot is None:
-            f.take_snapshot()  # first inference after training: what a restart would restore
+        g = self.group
         t1 = time.perf_counter()
         t0 = t1 - broadcast_s
         r = self.layout.participants(k)
@@ -207,31 +204,6 @@ class Engine:
         from layerpar.train.evaluate import evaluate
 
         return evaluate(self, split, batch_size)
-
-    # ------------------------------------------------------------------ training
-
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
-        """One batch of optimizer steps on every worker (joint or progressive per train.mode).
-        Not retried: a lost worker raises WorkerError (restart from the last checkpoint)."""
-        if not self.group.collective and self.layout.num_workers > 1:
-            raise ValueError("training needs parallel.transport=collective: gradients travel through "
-                             "the workers' process group")
-        x = check_input(self.cfg.model, x)
-        y = torch.as_tensor(y, dtype=torch.int64)
-        if y.shape != (x.shape[0],):
-            raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
-        ref = broadcast_ref((x.numpy(), y.numpy()))  # broadcast once
-
-        def call(workers):
-            self.head.invalidate()  # the head moves
-            self.faults.moved()  # snapshot again before the next inference
-            try:
-                return self.group.call("train_step", ref, workers=workers, watch=True)[0]
-            except WorkerError:
-                self.faults.lost()  # the workers may have stepped unevenly: nothing to restore
-                raise
-
-        return self.faults.run(call, retry=False)
 
     # ------------------------------------------------------------------ state
 

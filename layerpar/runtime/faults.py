@@ -8,7 +8,7 @@ A recovery, one at a time, in a background thread:
                   an ActorDiedError or no answer within parallel.heartbeat_s -> dead
     2. drain      wait until no engine call is in flight (an inference call ends within
                   parallel.call_timeout_s, sooner when a worker it waits on misses its heartbeat;
-                  a training call within parallel.timeout_s, the gloo timeout)
+                  a load within parallel.timeout_s)
     3. leave      every live worker leaves the old process group; one that cannot within LEAVE_S
                   (its default thread is stuck, e.g. a hung worker) is lost too
     4. restart    lost workers are killed and re-created in their own placement-group bundle, then
@@ -22,7 +22,7 @@ idempotent calls are tried again after it.
 
     faults = Faults(group)
     logits = faults.run(lambda workers: ..., retry=True)    # a WorkerError recovers, then retries
-    faults.run(step, retry=False)                           # raised; recovery at the next call
+    faults.run(load, retry=False)                           # raised; recovery at the next call
 """
 
 from __future__ import annotations
@@ -169,12 +169,10 @@ class Faults:
             t0 = time.monotonic()
             live, dead = classify(self.group.workers, self.group.heartbeat_s)
             rec = self._recovery = Recovery(reason=reason, handles=live, dead=dead, started=t0)
-            if self.state is Restore.LOST or (self.state is Restore.SNAPSHOT and self.snapshot is None
-                                              and self.snapshot_checkpoint is None):
+            if self.state is Restore.LOST:
                 rec.finish(RecoveryError(
-                    f"{reason}; the weights trained since the last save or load are lost with it: "
-                    "restart from the last checkpoint (a training run does so by itself up to "
-                    "train.max_failures)"))
+                    f"{reason}; a load was interrupted, so the workers hold no consistent weights: "
+                    "load the checkpoint again (restart from the last checkpoint)"))
                 return rec
         log.warning("recovering: %s (dead workers %s)", reason, dead)
         threading.Thread(target=self._recover, args=(rec,), name="layerpar-recovery", daemon=True).start()
@@ -246,12 +244,8 @@ class Faults:
             self.group.workers, "pieces", True)
         self.snapshot_checkpoint, self.state = checkpoint, Restore.SNAPSHOT
 
-    def moved(self) -> None:
-        """The weights are about to move (a training step): snapshot again before the next inference."""
-        self.state, self.snapshot, self.snapshot_checkpoint = Restore.SNAPSHOT, None, None
-
     def lost(self) -> None:
-        """The workers may disagree (a failed step, a load half done): nothing consistent to restore."""
+        """The workers may disagree (a load half done): nothing consistent to restore."""
         self.state = Restore.LOST
 
     def health(self) -> dict:

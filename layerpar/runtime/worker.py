@@ -2,7 +2,7 @@
 wire the shard to Ray and return plain tensors, dicts or None.
 
 Two concurrency groups, one thread each. The default group runs everything that touches the process
-group or the weights (infer, train_step, join/leave, load), strictly in submission order. The `side`
+group or the weights (infer, join/leave, load), strictly in submission order. The `side`
 group answers `ping`, `where`, `partial` and `head_piece` even while the default thread is blocked in a
 collective whose peer died (until the gloo timeout): that is how the engine tells a dead worker from a
 busy one, and how it answers from the surviving branches while it recovers (docs/FAILURES.md).
@@ -88,11 +88,6 @@ class BranchWorker:
     def branch_outputs(self, x) -> np.ndarray:
         self._stall()
         return to_wire(self.shard.branch_outputs(as_tensor(x)))
-
-    def train_step(self, batch) -> dict:
-        self._stall()
-        x, y = batch
-        return self.shard.train_step(as_tensor(x), as_tensor(y))
 
     def pieces(self, replicated: bool) -> tuple[dict, dict, int]:
         return (self.shard.pieces(replicated=replicated),

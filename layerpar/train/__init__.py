@@ -1,6 +1,7 @@
-"""Training: the shared step, the optimizer, checkpoints, evaluation, the single-process loop, and
-for parallel.workers >= 1 the Ray Train job (raytrain.py: the driver; spmd.py: the loop every rank
-runs; shard_checkpoint.py: checkpoints written by every rank; tune.py: a Ray Tune sweep over it).
+"""Training: the shared step, the optimizer, checkpoints, evaluation, and the one training loop
+(rank_loop.py) -- run in this process as a world of one for parallel.workers = 0 (loop.py), and for
+parallel.workers >= 1 by every rank of a Ray Train job (raytrain.py: the driver; spmd.py: the rank's
+set-up and reports; shard_checkpoint.py: checkpoints written by every rank; tune.py: a Ray Tune sweep).
 
     from layerpar.train import run_training
     result = run_training(load_config("digits", ["parallel.workers=0"]))

@@ -27,6 +27,8 @@ from layerpar.train.checkpoint import (
 )
 from layerpar.train.evaluate import evaluate
 from layerpar.train.optim import load_optimizer_state, make_optimizer, optimizer_state
+from layerpar.train.precision import autocast, wide
+from layerpar.train.shard import compile_branches
 from layerpar.train.step import train_step
 
 
@@ -63,6 +65,8 @@ class LocalBackend:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)  # dropout, if any
         self.model = build_model(cfg.model, seed=cfg.train.seed)
+        if cfg.model.compile:
+            compile_branches(self.model)
         self.opt = make_optimizer(self.model, cfg.train)
         self.comm = LocalComm()
         self.total_steps = total_steps
@@ -87,18 +91,17 @@ class LocalBackend:
         """(logits as computed, meta): one process is never degraded."""
         self.model.eval()
         n = self.cfg.model.num_branches
-        if isinstance(self.model, ParaFormer):
-            logits = self.model(x, num_branches)
-        elif num_branches not in (None, n):
+        if not isinstance(self.model, ParaFormer) and num_branches not in (None, n):
             raise ValueError(f"a ViT has no prefix models; num_branches must be None, got {num_branches}")
-        else:
-            logits = self.model(x)
-        return logits, {"degraded": False, "branches_used": list(range(num_branches or n))}
+        with autocast(self.cfg.train.precision, "cpu"):  # train.precision: inference under autocast too
+            logits = self.model(x, num_branches) if isinstance(self.model, ParaFormer) else self.model(x)
+        return wide(logits), {"degraded": False, "branches_used": list(range(num_branches or n))}
 
     def prefix_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (N, B, classes), the logits of every prefix k = 1..N ((1, B, C) for a ViT)."""
         self.model.eval()
-        return prefix_logits_of(self.model, x)
+        with autocast(self.cfg.train.precision, "cpu"):
+            return wide(prefix_logits_of(self.model, x))
 
     def evaluate(self, split, batch_size: int = 256) -> dict:
         """Accuracy and loss of the full model and the accuracy of every prefix k = 1..N."""

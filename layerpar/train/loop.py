@@ -3,10 +3,12 @@
     result = run_training(load_config("digits"))            # a new run dir under train.out_dir
     result = run_training(cfg, run_dir="runs/my-run")        # resumes if the dir holds a checkpoint
 
-The same loop drives a LocalBackend (one process) or the Ray Engine (parallel.workers >= 1). It is
-deterministic given the seeds: weights from train.seed, batch order from data.seed and the epoch, so a
-run resumed from a checkpoint -- even one taken mid-epoch by the time budget -- continues exactly as
-the uninterrupted run would.
+This is the driver: it checks the data, finds and verifies the start checkpoint (start_point), then
+runs the one training loop (rank_loop.run_rank) -- on every rank under Ray Train (parallel.workers >= 1,
+raytrain.fit), or here in this process as a world of one (parallel.workers = 0: a BranchShard holding
+every branch, LocalComm, no Ray, no process group). It is deterministic given the seeds: weights from
+train.seed, batch order from data.seed and the epoch, so a run resumed from a checkpoint -- even one
+taken mid-epoch by the time budget -- continues exactly as the uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,18 +28,16 @@ import torch
 from tqdm import tqdm
 
 from layerpar.config import ConfigError, load_config, save_config
-from layerpar.data import DataError, batches, batches_per_epoch, load_dataset
-from layerpar.data.augment import augment
+from layerpar.data import DataError, batches_per_epoch, load_dataset
 from layerpar.train.checkpoint import (
     CHECKPOINTS,
     MANIFEST,
     CheckpointError,
     _restore_replaced,
-    read_manifest,
 )
-from layerpar.train.evaluate import epoch_record, evaluate
-from layerpar.train.local import LocalBackend
-from layerpar.train.metrics_log import add_metric, read_metrics, rebuild_metrics
+from layerpar.train.metrics_log import add_metric, rebuild_metrics
+from layerpar.train.rank_loop import RankRun, run_rank
+from layerpar.train.shard import BranchShard, TimedComm
 from layerpar.train.shard_checkpoint import (
     find_checkpoint,
     open_storage,
@@ -71,26 +71,6 @@ def make_run_dir(cfg, run_dir: str | Path | None) -> Path:
     path = Path(run_dir) if run_dir is not None else new_run_path(cfg)
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def train_epoch(backend, split, cfg, *, epoch: int, skip: int, step: int, bar,
-                deadline: float | None) -> tuple[list[float], float, int, int]:
-    """One pass over the training split from batch `skip` on; stops early (mid-epoch) once
-    time.perf_counter() passes `deadline`. Returns (losses, last lr, batches done, optimizer step)."""
-    losses, lr, done = [], 0.0, skip
-    order = batches(split, cfg.train.batch_size, seed=cfg.data.seed, epoch=epoch)  # fixed by (seed, epoch)
-    for i, (x, y) in enumerate(order):
-        if i < skip:  # resumed mid-epoch: these batches were trained before the checkpoint
-            continue
-        x = augment(x, kind=cfg.data.augment, seed=cfg.data.seed, epoch=epoch, index=i)
-        out = backend.train_step(x, y)
-        losses.append(out["loss"])
-        lr, done, step = out["lr"], i + 1, out["step"]
-        bar.update(1)
-        bar.set_postfix(epoch=epoch + 1, loss=f"{out['loss']:.4f}", refresh=False)
-        if deadline is not None and time.perf_counter() > deadline:
-            break  # the caller sees done < batches per epoch and checkpoints mid-epoch
-    return losses, lr, done, step
 
 
 @dataclass
@@ -182,7 +162,7 @@ def run_training(cfg, run_dir: str | Path | None = None, *, resume: str | Path |
     (start_point).
 
     parallel.workers >= 1 runs under Ray Train (raytrain.fit; `callbacks` are its UserCallbacks, e.g.
-    Tune's) on parallel.replicas x parallel.workers ranks; 0 trains a LocalBackend in this process."""
+    Tune's) on parallel.replicas x parallel.workers ranks; 0 runs the same loop in this process."""
     t_start = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
     splits = load_dataset(cfg)  # data errors surface before anything is written
@@ -200,105 +180,77 @@ def run_training(cfg, run_dir: str | Path | None = None, *, resume: str | Path |
         result = {"run_dir": str(run_dir), **out, "kind": cfg.model.kind, "mode": cfg.train.mode,
                   "dataset": cfg.data.name}
     else:
-        with tempfile.TemporaryDirectory(prefix="layerpar-resume-") as tmp:
-            if start.checkpoint is not None and "://" in start.checkpoint:  # object storage: a local copy
-                fs, path = open_storage(start.checkpoint)
-                pafs.copy_files(path, tmp, source_filesystem=fs,
-                                destination_filesystem=pafs.LocalFileSystem())
-                start.checkpoint = tmp
-            run = _DrivenRun(cfg, run_dir, splits, start, bpe, log, progress, t_start=t_start)
-            result = run.run(LocalBackend)
+        result = _one_process(cfg, run_dir, splits, start, bpe, log, progress, t_start=t_start)
     result["total_seconds"] = round(start.prior_total + time.perf_counter() - t_start, 3)  # >= train
     (run_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
-class _DrivenRun:
-    """The loop in this process (parallel.workers = 0), one backend.train_step per batch."""
+class LocalHost:
+    """Where the loop's events go in one process: a progress bar, metrics.jsonl and the log."""
 
-    def __init__(self, cfg, run_dir: Path, splits, start: _Start, bpe: int, log, progress: bool, *,
-                 t_start: float):
-        self.cfg, self.run_dir, self.splits, self.start, self.bpe = cfg, run_dir, splits, start, bpe
-        self.log, self.progress = log, progress
-        self.t0 = t_start  # when run_training began (the wall time a checkpoint records)
-        self.eval_bs = max(cfg.train.batch_size, 256)
+    def __init__(self, cfg, run_dir: Path, bpe: int, start: _Start, log, progress: bool) -> None:
+        self.cfg, self.run_dir, self.bpe, self.log = cfg, run_dir, bpe, log
+        self.bar = tqdm(total=cfg.train.epochs * bpe, initial=start.epoch * bpe + start.skip,
+                        file=sys.stderr, disable=not (progress and sys.stderr.isatty()),
+                        dynamic_ncols=True, unit="batch", desc="train")
 
-    def run(self, make) -> dict[str, Any]:
-        t, start, bar, backend = self.cfg.train, self.start, None, None
-        total_steps = t.epochs * self.bpe * len(prefix_plan(self.cfg))
-        try:
-            backend = make(self.cfg, total_steps=total_steps, checkpoint=start.checkpoint)
-            info = backend.info()
-            self.log(f"run {self.run_dir}: {self.cfg.model.kind} params={info['params']} "
-                     f"workers={info['workers']} transport={info['transport']} epochs={t.epochs} "
-                     f"steps={total_steps}")
-            bar = tqdm(total=t.epochs * self.bpe, initial=start.epoch * self.bpe + start.skip,
-                       file=sys.stderr, disable=not (self.progress and sys.stderr.isatty()),
-                       dynamic_ncols=True, unit="batch", desc="train")
-            val, last, step, stopped, train_s = self._epochs(backend, bar)
-            test = evaluate(backend, self.splits.test, self.eval_bs)
-            if val is None:  # nothing left to train (resumed a finished run)
-                val = evaluate(backend, self.splits.val, self.eval_bs)
-            return self._result(backend.info(), test, val, last, step, stopped, train_s)
-        finally:
-            if bar is not None:
-                bar.close()
-            if backend is not None:
-                backend.shutdown()  # always: a Ray engine holds actors and a placement group
+    def started(self, event: dict) -> None:
+        return None
 
-    def _epochs(self, backend, bar) -> tuple[dict | None, Path | None, int, bool, float]:
-        """Train from the start point; (last validation, last checkpoint, step, stopped early,
-        training seconds in all)."""
-        t, start = self.cfg.train, self.start
-        t_train, budget_s = time.perf_counter(), t.max_minutes * 60.0
-        skip, step, stopped, val, last = start.skip, start.step, False, None, start.checkpoint
-        for epoch in range(start.epoch, t.epochs):
-            t_epoch = time.perf_counter()
-            deadline = t_train + budget_s if budget_s else None
-            losses, lr, done, step = train_epoch(backend, self.splits.train, self.cfg, epoch=epoch,
-                                                 skip=skip, step=step, bar=bar, deadline=deadline)
-            stopped, skip = done < self.bpe, 0  # the budget ran out mid-epoch; the checkpoint says where
-            val = evaluate(backend, self.splits.val, self.eval_bs)
-            elapsed = time.perf_counter() - t_train
-            record = epoch_record(epoch=epoch, step=step, losses=losses, val=val, lr=lr,
-                                  seconds=time.perf_counter() - t_epoch, done=done, stopped=stopped,
-                                  train_seconds=start.prior_seconds + elapsed)
-            add_metric(self.run_dir / "metrics.jsonl", record)
-            acc = "n/a" if val["accuracy"] is None else f"{val['accuracy']:.4f}"
-            loss = "n/a" if record["train_loss"] is None else f"{record['train_loss']:.4f}"
-            self.log(f"epoch {epoch + 1}/{t.epochs} loss {loss} val_acc {acc} "
-                     f"lr {lr:.2e} {record['seconds']:.1f}s")
-            finished = epoch + 1 == t.epochs
-            over_budget = bool(budget_s) and elapsed > budget_s
-            if stopped or finished or over_budget or (epoch + 1) % t.checkpoint_every == 0:
-                extra = {"train_seconds": start.prior_seconds + elapsed,
-                         "total_seconds": start.prior_total + time.perf_counter() - self.t0}
-                if stopped:
-                    extra.update(epoch_batches=done, stopped_early=True)
-                extra["metrics"] = read_metrics(self.run_dir / "metrics.jsonl")  # this history's records
-                last = backend.save(self.run_dir, epoch=record["epoch"], extra=extra)
-            if stopped or over_budget:
-                stopped = stopped or not finished
-                if stopped:
-                    self.log(f"stopping: train.max_minutes ({t.max_minutes}) reached")
-                break
-        return val, last, step, stopped, start.prior_seconds + (time.perf_counter() - t_train)
+    def step(self, event: dict) -> None:
+        self.bar.n = event["epoch"] * self.bpe + event["batch"]
+        self.bar.set_postfix(epoch=event["epoch"] + 1, loss=f"{event['loss']:.4f}", refresh=False)
+        self.bar.refresh()
 
-    def _result(self, info: dict, test: dict, val: dict, last: Path | None, step: int, stopped: bool,
-                train_seconds: float) -> dict[str, Any]:
-        cfg = self.cfg
-        return {
-            "run_dir": str(self.run_dir), "test_accuracy": test["accuracy"], "test_loss": test["loss"],
-            "val_accuracy": val["accuracy"], "prefix_accuracy": test["prefix_accuracy"],
-            "train_seconds": round(train_seconds, 3), "params": info["params"],
-            "workers": info["workers"],
-            "worker_nodes": info.get("nodes", []),  # Ray node id of each worker ([] in-process)
-            "transport": info["transport"], "kind": cfg.model.kind, "mode": cfg.train.mode,
-            "dataset": cfg.data.name, "epochs": read_manifest(last)["epoch"] if last is not None else 0,
-            "steps": step, "stopped_early": stopped, "checkpoint": str(last) if last is not None else None,
-            "failures": 0, "restarts": [], "storage": str(self.run_dir), "phases": [],
-            "trainer": "local",
-        }
+    def epoch(self, record: dict, path: str | None, saved: bool) -> None:
+        add_metric(self.run_dir / "metrics.jsonl", record)
+        acc = "n/a" if record["val_accuracy"] is None else f"{record['val_accuracy']:.4f}"
+        loss = "n/a" if record["train_loss"] is None else f"{record['train_loss']:.4f}"
+        self.log(f"epoch {record['epoch']}/{self.cfg.train.epochs} loss {loss} val_acc {acc} "
+                 f"lr {record['lr']:.2e} {record['seconds']:.1f}s")
+        if "epoch_batches" in record:
+            self.log(f"stopping: train.max_minutes ({self.cfg.train.max_minutes}) reached")
+
+    def final(self, record: dict) -> None:
+        self.bar.close()
+
+
+def _one_process(cfg, run_dir: Path, splits, start: _Start, bpe: int, log, progress: bool, *,
+                 t_start: float) -> dict[str, Any]:
+    """The loop as a world of one in this process (parallel.workers = 0)."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    fs, root = _run_root(cfg, run_dir)
+    total_steps = cfg.train.epochs * bpe * len(prefix_plan(cfg))
+    shard = BranchShard(cfg, worker_rank=0, total_steps=total_steps)
+    comm = TimedComm(shard.comms[1])  # LocalComm: every collective verb is the identity
+    host = LocalHost(cfg, run_dir, bpe, start, log, progress)
+    try:
+        config = {"start": start.checkpoint, "attempt": f"local-{uuid.uuid4().hex[:6]}"}
+        run = RankRun(cfg, config, host, shard=shard, comm=comm, splits=splits, fs=fs, root=root,
+                      t0=t_start)
+        log(f"run {run_dir}: {cfg.model.kind} params={_params(shard)} workers=0 transport=local "
+            f"epochs={cfg.train.epochs} steps={total_steps} precision={cfg.train.precision}"
+            + (f" compile={shard.compile_s:.1f}s" if cfg.model.compile else ""))
+        m = run_rank(run)
+    finally:
+        host.bar.close()
+    ckpt = m["checkpoint"]
+    return {
+        "run_dir": str(run_dir), "test_accuracy": m["test_accuracy"], "test_loss": m["test_loss"],
+        "val_accuracy": m["val_accuracy"], "prefix_accuracy": m["prefix_accuracy"],
+        "train_seconds": m["train_seconds"], "params": m["params"], "workers": 0,
+        "worker_nodes": [], "transport": "local", "kind": cfg.model.kind, "mode": cfg.train.mode,
+        "dataset": cfg.data.name, "epochs": m["epochs"], "steps": m["steps"],
+        "stopped_early": m["stopped_early"], "checkpoint": None if ckpt is None else str(ckpt),
+        "failures": 0, "restarts": [], "storage": str(run_dir), "phases": m["phases"],
+        "trainer": "local",
+    }
+
+
+def _params(shard: BranchShard) -> int:
+    return sum(p.numel() for p in shard.model.parameters())
 
 
 # ----------------------------------------------------------------------------- command line

@@ -8,7 +8,7 @@ checkpoints land in RUN_DIR/checkpoints) the RunConfig's storage_path, with the 
 the run's name. Ray 2.60 runs Ray Train v2 (the default generation); its controller restarts the whole
 worker group after a lost worker. Where the ranks start is not Ray Train's choice: the driver names the
 start checkpoint (found and verified on storage), and after a restart the ranks take the newest complete
-checkpoint this attempt wrote (spmd._restart_point). Ray Train v2 would offer its last *registered*
+checkpoint this attempt wrote (rank_loop.restart_point). Ray Train v2 would offer its last *registered*
 checkpoint, which lags the newest on storage, and, for a run of the same name and storage, the one an
 earlier attempt left in its snapshot. Rank 0 prunes old checkpoints (train.keep_checkpoints); Ray
 Train deletes none. The driver holds no weights and

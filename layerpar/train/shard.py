@@ -9,11 +9,13 @@ import time
 import torch
 
 from layerpar.config import Config
-from layerpar.model import ParaFormer
+from layerpar.model import ParaFormer, build_model
 from layerpar.parallel import process_group
 from layerpar.parallel.comm import GroupComm, LocalComm
 from layerpar.parallel.layout import BranchLayout
+from layerpar.train.checkpoint import split_pieces
 from layerpar.train.optim import load_optimizer_state, make_optimizer, optimizer_state
+from layerpar.train.precision import LossScale, autocast, wide
 from layerpar.train.step import train_step
 
 
@@ -45,9 +47,12 @@ class BranchShard:
         self.layout = BranchLayout(cfg.model.num_branches, max(1, cfg.parallel.workers))
         self.worker_rank = worker_rank
         self.device = torch.device("cuda" if cfg.parallel.gpus_per_worker > 0 else "cpu")
-        self.model = ParaFormer(cfg.model, seed=cfg.train.seed,
-                                branch_ids=self.layout.owned(worker_rank)).to(self.device)
+        # a ViT (serial baseline) trains in one process only: a world of one holds all of it
+        self.model = build_model(cfg.model, seed=cfg.train.seed,
+                                 branch_ids=self.layout.owned(worker_rank)).to(self.device)
         self.opt = make_optimizer(self.model, cfg.train)
+        self.scaler = LossScale.for_precision(cfg.train.precision)  # float16 only
+        self.compile_s = compile_branches(self.model) if cfg.model.compile else 0.0
         self.total_steps, self.step = total_steps, 0
         self.comms: dict[int, object] = {1: LocalComm()}
         self.calls = {"infer": 0, "partial": 0, "train_step": 0, "branch_outputs": 0}
@@ -99,6 +104,15 @@ class BranchShard:
     def on_device(self, x) -> torch.Tensor:
         return torch.as_tensor(x).to(self.device, non_blocking=True)
 
+    def autocast(self):
+        """train.precision's autocast on this shard's device (a no-op for float32)."""
+        return autocast(self.cfg.train.precision, self.device)
+
+    def branch_rows(self, x0: torch.Tensor, branch_ids) -> torch.Tensor:
+        """Pooled rows of the listed owned branches (K, B, D), in float32 whatever the precision."""
+        with self.autocast():
+            return wide(self.model.branch_outputs(x0, branch_ids))
+
     @torch.no_grad()
     def infer(self, x, num_branches: int, *, reduce: bool) -> tuple[torch.Tensor | None, dict]:
         """This worker's part of a prefix-model forward. reduce=True: the branch rows are reduced in
@@ -107,9 +121,10 @@ class BranchShard:
         self.calls["infer" if reduce else "partial"] += 1
         self.model.eval()
         t0 = time.perf_counter()
-        x0 = self.model.embed(self.on_device(x))  # (B, T, D)
+        with self.autocast():
+            x0 = self.model.embed(self.on_device(x))  # (B, T, D)
         t1 = time.perf_counter()
-        rows = self.model.branch_outputs(x0, self.model.prefix_ids(num_branches))  # (K_w, B, D)
+        rows = self.branch_rows(x0, self.model.prefix_ids(num_branches))  # (K_w, B, D), float32
         t2 = time.perf_counter()
         timings = {"embed": t1 - t0, "compute": t2 - t1}
         if not reduce:
@@ -120,7 +135,8 @@ class BranchShard:
         timings["reduce"] = t3 - t2
         if self.worker_rank != 0:
             return None, timings
-        logits = self.model.head(y).cpu()
+        with self.autocast():
+            logits = wide(self.model.head(y)).cpu()
         timings["head"] = time.perf_counter() - t3
         return logits, timings
 
@@ -129,8 +145,9 @@ class BranchShard:
         """Pooled output of every owned branch (K, B, D), for evaluating all prefix models at once."""
         self.calls["branch_outputs"] += 1
         self.model.eval()
-        x0 = self.model.embed(self.on_device(x))
-        return self.model.branch_outputs(x0, self.model.branch_ids).cpu()
+        with self.autocast():
+            x0 = self.model.embed(self.on_device(x))
+        return self.branch_rows(x0, self.model.branch_ids).cpu()
 
     def train_step(self, x, y) -> dict:
         """One batch's optimizer steps; in a training mesh (R > 1 replicas) every rank is given the
@@ -145,7 +162,8 @@ class BranchShard:
             start = int(shares[comm.replica][0]) if len(shares[comm.replica]) else rows
             x, y = (torch.tensor_split(torch.as_tensor(t), comm.replicas)[comm.replica] for t in (x, y))
         out = train_step(self.model, self.opt, comm, self.on_device(x), self.on_device(y), cfg=self.cfg,
-                         step=self.step, total_steps=self.total_steps, batch_rows=rows, row_start=start)
+                         step=self.step, total_steps=self.total_steps, batch_rows=rows, row_start=start,
+                         scaler=self.scaler)
         self.step = out["step"]
         return out
 
@@ -153,6 +171,8 @@ class BranchShard:
 
     def pieces(self, *, replicated: bool) -> dict[str, dict[str, torch.Tensor]]:
         """Weights by piece ("branch.<i>", plus "embed" and "head" when `replicated`), on the CPU."""
+        if not isinstance(self.model, ParaFormer):  # a ViT: all of it, in one process
+            return split_pieces({k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()})
         names = [p for p in self.model.pieces() if replicated or p.startswith("branch.")]
         return {p: {k: v.detach().cpu().clone() for k, v in self.model.piece_state(p).items()}
                 for p in names}
@@ -178,8 +198,22 @@ class BranchShard:
         self.step = step
 
     def param_counts(self) -> dict[str, int]:
+        if not isinstance(self.model, ParaFormer):
+            return {"branches": 0, "replicated": sum(p.numel() for p in self.model.parameters()),
+                    "branch_ids": []}
         branches = sum(p.numel() for b in self.model.branch_ids
                        for p in self.model.branch(b).parameters())
         replicated = sum(p.numel() for m in (self.model.embed, self.model.head)
                          for p in m.parameters())
         return {"branches": branches, "replicated": replicated, "branch_ids": self.model.branch_ids}
+
+
+def compile_branches(model) -> float:
+    """model.compile: the fused branch stack's forward (ParaFormer.branch_outputs, which runs
+    model/fused.py) becomes a torch.compile'd function of this model object; the model code stays
+    eager and pure. Returns the seconds spent here (compiling itself happens at the first calls)."""
+    if not isinstance(model, ParaFormer):
+        return 0.0
+    t0 = time.perf_counter()
+    model.branch_outputs = torch.compile(model.branch_outputs)  # an instance attribute shadows the method
+    return time.perf_counter() - t0

@@ -17,6 +17,7 @@ from layerpar.model import ParaFormer
 from layerpar.model.dropout import DropoutDraw
 from layerpar.parallel.comm import sq_norm
 from layerpar.train.optim import lr_at, set_lr
+from layerpar.train.precision import autocast, wide
 
 
 def _clip(params: list[nn.Parameter], norm: torch.Tensor, max_norm: float) -> None:
@@ -38,7 +39,7 @@ def prefix_plan(cfg) -> list[int]:
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, comm, x: torch.Tensor,
                y: torch.Tensor, *, cfg, step: int, total_steps: int, batch_rows: int | None = None,
-               row_start: int = 0) -> dict:
+               row_start: int = 0, scaler=None) -> dict:
     """Run every optimizer step of one batch; `step` counts optimizer steps taken before it.
 
     batch_rows: the whole batch's size when (x, y) is one replica's share of it (a training mesh):
@@ -46,8 +47,12 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, comm, x: torch.Tens
     batch's mean loss and its gradient. None: (x, y) is the whole batch (the mean loss).
     row_start: where the share begins in the whole batch. A Para-Former's dropout masks are drawn per
     (train.seed, optimizer step, branch) for the whole batch and this share's rows taken
-    (model/dropout.py): every layout drops what one process drops."""
+    (model/dropout.py): every layout drops what one process drops.
+    train.precision bfloat16/float16: the forward runs under autocast, the branch rows are reduced
+    in float32, and the loss is float32; `scaler` (a precision.LossScale, float16) scales the loss
+    and skips a step whose gradients overflowed, on every rank alike."""
     tcfg = cfg.train
+    cast = autocast(tcfg.precision, x.device)
     losses, lr, norm = [], 0.0, torch.zeros(())
     for k in prefix_plan(cfg):
         lr = lr_at(step, total_steps, tcfg)
@@ -56,20 +61,25 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, comm, x: torch.Tens
         if isinstance(model, ParaFormer):
             draw = DropoutDraw(seed=tcfg.seed, step=step, p=cfg.model.dropout, row_start=row_start,
                                total_rows=batch_rows) if cfg.model.dropout > 0 else None
-            x0 = model.embed(x)  # (B, T, D), replicated on every worker
-            outputs = model.branch_outputs(x0, model.prefix_ids(k), draw=draw)  # (K_w, B, D), own < k
-            logits = model.head(comm.reduce_branch_sums(outputs, num_branches=k))
+            with cast:
+                x0 = model.embed(x)  # (B, T, D), replicated on every worker
+                outputs = model.branch_outputs(x0, model.prefix_ids(k), draw=draw)  # (K_w, B, D), own < k
+            y_sum = comm.reduce_branch_sums(wide(outputs), num_branches=k)  # float32 across ranks
+            with cast:
+                logits = model.head(y_sum)
             replicated = list(model.embed.parameters()) + list(model.head.parameters())
         else:
-            logits = model(x)
+            with cast:
+                logits = model(x)
             replicated = list(model.parameters())
+        logits = wide(logits)  # the loss in float32
         if batch_rows is None:
             loss = F.cross_entropy(logits, y, label_smoothing=tcfg.label_smoothing)
         else:
             loss = F.cross_entropy(logits, y, label_smoothing=tcfg.label_smoothing,
                                    reduction="sum") / batch_rows
         if loss.requires_grad:  # false on a worker whose branches are all frozen
-            loss.backward()
+            (loss * scaler.scale if scaler is not None else loss).backward()
         ids = set(map(id, replicated))
         owned = [p for p in model.parameters() if p.grad is not None and id(p) not in ids]
         # the gradients of the whole batch (summed over replicas, the embedding's over branch ranks
@@ -80,8 +90,18 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, comm, x: torch.Tens
         owned_sq, loss_value = comm.sum_grads(owned, head, embed, loss.detach())
         rep_sq = sq_norm([p.grad for p in replicated if p.grad is not None])
         norm = (owned_sq + rep_sq.to(owned_sq.device)).sqrt()
+        grads = owned + [p for p in replicated if p.grad is not None]
+        if scaler is not None:  # float16: unscale; the norm is global, so every rank decides alike
+            inv = 1.0 / scaler.scale
+            if grads:
+                torch._foreach_mul_([p.grad for p in grads], inv)
+            norm = norm * inv
+            if not scaler.update(bool(torch.isfinite(norm))):
+                losses.append(loss_value)
+                step += 1  # the schedule moves on; the weights do not (torch.amp's skipped step)
+                continue
         if tcfg.grad_clip > 0:
-            _clip(owned + [p for p in replicated if p.grad is not None], norm, tcfg.grad_clip)
+            _clip(grads, norm, tcfg.grad_clip)
         opt.step()
         step += 1
         losses.append(loss_value)

@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_chaos_cli_kills_a_training_rank(local_ray, tmp_path):
     # Long enough that the drill (a new process that connects to Ray) finds the run still going on a
-    # quiet machine too: the time budget, not the epochs, ends it (a tiny run's 12 epochs take ~3 s).
-    cfg = tiny("parallel.workers=2", "train.epochs=100000", "train.max_minutes=0.75",
+    # quiet machine and a busy one: the 90 s time budget, not the epochs, ends it (12 epochs take ~3 s).
+    cfg = tiny("parallel.workers=2", "train.epochs=100000", "train.max_minutes=1.5",
                "data.synthetic_size=480", "train.max_failures=2")
     out: dict = {}
     # A name of its own: Ray Train's state actor keeps the records of every earlier run on this Ray

@@ -209,3 +209,23 @@ def test_resumed_run_counts_earlier_time_in_total_seconds(tmp_path, tiny_cfg):
     assert resumed["total_seconds"] >= resumed["train_seconds"]
     assert json.loads((tmp_path / "part" / "result.json").read_text())["total_seconds"] == \
         resumed["total_seconds"]
+
+
+def test_one_process_is_the_rank_loop_on_a_world_of_one(tmp_path, tiny_cfg):
+    """parallel.workers=0 runs the loop every Ray Train rank runs (rank_loop.run_rank): one rank's
+    step-time split, and checkpoints stamped and carrying their history as a rank writes them."""
+    result = run_training(tiny_cfg.replace(train={"epochs": 1, "mode": "joint"}), tmp_path / "r",
+                          progress=False)
+    assert result["trainer"] == "local" and result["workers"] == 0
+    assert len(result["phases"]) == 1 and result["phases"][0]["steps"] == result["steps"]
+    extra = load_checkpoint(result["checkpoint"]).manifest["extra"]
+    assert extra["attempt"].startswith("local-") and [r["epoch"] for r in extra["metrics"]] == [1]
+
+
+def test_one_place_decides_saving_and_the_time_budget():
+    """grep: train.checkpoint_every and train.max_minutes are read in the one loop only (the local
+    host's log line names max_minutes, it decides nothing)."""
+    train = ROOT / "layerpar" / "train"
+    for field in ("checkpoint_every", "max_minutes * 60"):
+        readers = sorted(p.name for p in train.glob("*.py") if field in p.read_text())
+        assert readers == ["rank_loop.py"], (field, readers)
