@@ -68,7 +68,9 @@ def degraded_answer(rec: Recovery, head: HeadCopy, group, ref, k: int) -> tuple 
         for r, out_ref in refs.items():
             try:
                 outs[r] = ray.get(out_ref, timeout=group.call_timeout_s)
-            except (ray.exceptions.RayError, TimeoutError):
+            except (ray.exceptions.GetTimeoutError, TimeoutError):
+                pass  # slow (a loaded machine), not dead: asked again below, never dropped for it
+            except ray.exceptions.RayError:
                 rec.handles.pop(r, None)  # killed by the recovery meanwhile: ask the others
         model = head.from_any(handles, group.call_timeout_s) if len(outs) == len(refs) else None
         if model is None:

@@ -90,10 +90,18 @@ def proxy(ray_local):
     serve.shutdown()
 
 
+HELD_BEFORE: set[str] = set()  # placement groups alive before the module's deployment
+
+
 @pytest.fixture(scope="module")
 def served(proxy, checkpoint):
     """One replica owning a group of 2 branch workers, serving the checkpoint through the proxy."""
+    import ray
+
     path, x, y = checkpoint
+    # placement groups other tests of this process hold (the serve tier's session engine, under
+    # pytest-xdist), so that the test below counts only the ones this deployment made
+    HELD_BEFORE.update(i for i, pg in ray.util.placement_group_table().items() if pg["state"] == "CREATED")
     serve.run(build_app({"checkpoint": str(path), "set": ["parallel.workers=2", *SLOW]}), name=APP,
               route_prefix="/", blocking=False, logging_config=QUIET)
     poll(lambda: replicas(APP) == 1 and requests.get(f"{proxy}/v2/health/ready", timeout=30).ok,
@@ -142,7 +150,8 @@ def test_workers_live_in_the_replicas_placement_group(served):
 
     where = serve.get_deployment_handle(DEPLOYMENT, app_name=APP).placement.remote().result(timeout_s=60)
     assert where["replica"] and where["workers"] == where["replica"]  # Serve's group, not one of its own
-    created = [pg for pg in ray.util.placement_group_table().values() if pg["state"] == "CREATED"]
+    created = [pg for i, pg in ray.util.placement_group_table().items()
+               if pg["state"] == "CREATED" and i not in HELD_BEFORE]
     assert [len(pg["bundles"]) for pg in created] == [3]  # the replica + 2 workers: no second group
 
 

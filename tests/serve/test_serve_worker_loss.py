@@ -91,7 +91,9 @@ def test_killing_a_worker_mid_stream_loses_no_request(ray_local, policy):
                     release.set()
                 if recovered_at and len(answers) >= MIN_REQUESTS:
                     break
-                assert time.monotonic() - start < TIME_LIMIT_S, "the engine did not recover in time"
+                assert time.monotonic() - start < TIME_LIMIT_S, (
+                    f"the engine did not recover in time: {len(answers)} answers "
+                    f"({sum(p.degraded for _, p in answers)} degraded), failures {failures[-3:]}")
                 time.sleep(0.02)
         wait_until(lambda: engine.recoveries, "the recovery was recorded")
     finally:
