@@ -19,6 +19,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from layerpar.train.metrics_log import read_metrics
+
 WEAK_GAP = 0.05  # a prefix this much less accurate than the full model is worth a start-up warning
 
 
@@ -36,19 +38,12 @@ class Floor:
 
 
 def _records(path: Path) -> list[dict]:
-    out = []
+    """The run's epoch records (train/metrics_log.py reads them as training writes them); none when
+    unreadable: serving then says the accuracies are unknown."""
     try:
-        lines = path.read_text().splitlines()
+        return read_metrics(path)
     except OSError:
-        return out
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a killed driver
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
+        return []
 
 
 def run_prefix_accuracy(ckpt_dir: Path | None, manifest: dict, num_branches: int) -> PrefixAccuracy | None:
