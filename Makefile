@@ -15,7 +15,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_AUTH_MODE := token
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test lint bench clean datasets cluster-tools
+.PHONY: setup demo test lint bench bench-peers-env clean datasets cluster-tools
 
 # The venv remembers which TORCH_SPEC its torch came from (.torch-spec): a different one (a CUDA build
 # after `make demo`) reinstalls torch and then the package, instead of silently keeping the old torch.
@@ -64,6 +64,17 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile --durations=25 tests
+
+# The peer benchmark's Triton (launch/bench_serve.py --peers): nvidia-pytriton 0.7.0 pins numpy<2 and,
+# through tritonclient[grpc,http], protobuf<7, which the project cannot run on; so it lives in a venv
+# of its own, which sees the project's venv (torch, layerpar) behind its own packages through a .pth.
+PEERS_VENV ?= .venv-peers
+bench-peers-env: $(VENV)/.installed
+	$(PY) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q nvidia-pytriton==0.7.0
+	$(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > \
+		"$$($(PEERS_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/layerpar-project.pth"
+	$(PEERS_VENV)/bin/python -c 'import pytriton, torch, layerpar.model; print("pytriton ready in $(PEERS_VENV)")'
 
 lint: setup
 	$(PY) -m ruff check layerpar launch tests

@@ -20,6 +20,18 @@ serve.latency_slo_ms at 3x the unloaded p50: the share of replies within the tar
 used and the accuracy of those replies beside the full model's on the same images (use a
 progressively trained checkpoint: every prefix is then a classifier).
 Progress and a table go to stderr; the last stdout line is one JSON object.
+
+--peers: the peer benchmark instead (layerpar/bench/peers.py): the same trained model (--checkpoint;
+none: a digits model is trained first, in one process) served by layerpar in one process and as 2
+replica groups x 1 worker, layerpar's Ray Serve deployment, a plain Ray Serve deployment with
+@serve.batch, and Triton (nvidia-pytriton, `make bench-peers-env`), each beside a no-op server of its
+protocol; C = 1, 8, 32 of 1-image and C = 8 of 8-image requests: throughput, p50, p99 and the server
+process tree's CPU per request. Prints a markdown table, then one JSON line whose `peers` object has an
+entry per server (`triton`, `ray_serve`, `layerpar`, ...). --quick: 60 requests per level, and fresh
+weights unless --checkpoint is given; --servers picks some of them.
+
+    python launch/bench_serve.py --peers --checkpoint runs/<run>
+    python launch/bench_serve.py --peers --quick --servers layerpar,layerpar_noop
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
+from layerpar.bench.peers import SERVERS as PEER_SERVERS
 from layerpar.serve.client import Client
 from layerpar.serve.loadgen import batch_histogram, histogram_delta, percentiles, run_load, run_open_loop
 
@@ -230,7 +243,14 @@ def main() -> None:
     ap.add_argument("--kill", action="store_true", help="SIGKILL a worker of the first R >= 2 layout at C=8")
     ap.add_argument("--slo", action="store_true", help="latency target run at 2x capacity (see above)")
     ap.add_argument("--slo-rows", type=int, default=64, help="images per request in the --slo run")
+    ap.add_argument("--peers", action="store_true", help="the peer benchmark (see above)")
+    ap.add_argument("--quick", action="store_true", help="--peers: a short smoke round")
+    ap.add_argument("--servers", help="--peers: comma-separated subset of " + ",".join(PEER_SERVERS))
+    ap.add_argument("--serve-threads", type=int, default=1,
+                    help="--peers: torch threads of every single-process model (layerpar's serve.threads)")
     args = ap.parse_args()
+    if args.peers:
+        sys.exit(peers_main(args, ap))
     levels = [int(c) for c in args.concurrency.split(",")]
     layouts = [tuple(int(v) for v in lay.split("x")) for lay in args.layouts.split(",")]
     source = (["--checkpoint", args.checkpoint] if args.checkpoint else []) + \
@@ -263,6 +283,23 @@ def main() -> None:
         slo_layout = kill_layout or f"{layouts[0][0]}x{layouts[0][1]}"
         extra["slo"] = {"layout": slo_layout, **slo_phase(commands[slo_layout], args)}
     print(json.dumps(summarise(results, levels, info, args, extra)))
+
+
+def peers_main(args, ap) -> int:
+    from layerpar.bench.peers import run_peers, table
+
+    if args.serve_threads < 1:
+        ap.error(f"--serve-threads ({args.serve_threads}) must be >= 1")
+    if args.requests == ap.get_default("requests"):
+        args.requests = 0  # the peer benchmark's own default (2000; --quick: 60)
+    try:
+        summary = run_peers(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(table(summary))
+    print(json.dumps(summary))
+    return 0
 
 
 def summarise(results: dict, levels: list[int], info: dict, args, extra: dict) -> dict:

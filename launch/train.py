@@ -15,12 +15,18 @@
         --resume s3://bucket/runs/my-run/checkpoints/step_0000420           # resume from storage
     python launch/train.py --config tiny --set data.name=folder --set data.root=my_images \
         --set model.num_classes=3 --set parallel.workers=2          # your own images (train/<class>/)
+    python launch/train.py --config fashion_mnist --set data.name=folder --set data.root=runs/fmnist \
+        --set data.streaming=true       # read by Ray Data as it trains, not loaded (docs/TRAINING.md)
 
 With parallel.workers >= 1 the run is a Ray Train job (ray.train.torch.TorchTrainer, Ray Train v2):
 every rank runs the whole loop on its share of the branches; parallel.* sets the ScalingConfig,
 train.max_failures the FailureConfig (a lost worker restarts the group from the latest checkpoint) and
 train.storage (default: the run directory's parent; a path or s3:// / gs:// URI) the RunConfig.
-parallel.workers=0 runs the same loop in this process as a world of one, without Ray.
+parallel.workers=0 runs the same loop in this process as a world of one, without Ray (with
+data.streaming=true it starts a local Ray for Ray Data). A streamed dataset is checked before anything
+is written -- it exists, its classes, its size, the images of its normalisation sample -- and a bad
+one (an unreadable image, an empty class folder, a Parquet file without the label column, fewer
+images than a batch for the replicas) is one line on stderr and exit 2.
 
 Each run writes RUN_DIR/config.yaml (the resolved config), metrics.jsonl (one line per epoch),
 checkpoints/step_NNNNNNN/ (under train.storage when set) and result.json. Progress goes to stderr (a

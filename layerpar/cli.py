@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("layerpar.serve.launcher:serve_main", "serve a checkpoint over gRPC"),
     "scale": ("layerpar.bench.scale:cli_main", "run a scaling study"),
     "predict": ("layerpar.serve.predict:cli_main", "classify images with a served model"),
+    "generate": ("layerpar.serve.generate_cli:generate_main", "generate text from a language model"),
     "compress": ("layerpar.lifecycle.compress:cli_main", "keep the first K branches of a run"),
     "expand": ("layerpar.lifecycle.expand:cli_main", "append and train M new branches"),
     "import-reference": ("layerpar.lifecycle.reference:cli_main",

@@ -36,7 +36,13 @@ from layerpar.config_rules import (  # noqa: F401 - re-exported: the rules live 
 @dataclass(frozen=True)
 class ModelConfig:
     kind: str = "paraformer"
-    """`paraformer` (sum of parallel branches) or `vit` (the same blocks stacked serially)."""
+    """`paraformer` (sum of parallel branches) or `vit` (the same blocks stacked serially); language
+    models (data.name=text): `paraformer_lm` (causal branches summed) or `serial_lm` (the GPT of the
+    same blocks stacked, its baseline). The LMs use dim, heads, mlp_dim, num_branches, branch_depth,
+    context and dtype; their vocabulary is the byte tokenizer's (259)."""
+    context: int = 256
+    """Language models: tokens per training window and the longest sequence the model reads (its
+    learned position table has this many rows)."""
     image_size: int = 8
     """Side of the square input image in pixels."""
     in_channels: int = 1
@@ -91,7 +97,9 @@ class ModelConfig:
 class DataConfig:
     name: str = "digits"
     """digits (ships with scikit-learn), fashion_mnist, cifar10, cifar100 (local files), synthetic,
-    folder (your own images: data.root/train/<class>/*.png|jpg and data.root/test/<class>/...)."""
+    folder (your own images: data.root/train/<class>/*.png|jpg and data.root/test/<class>/...), text
+    (language models: the Python standard library's .py files, or every file under data.root, split
+    by file into train/val/test by data.seed; layerpar/data/text.py)."""
     root: str | None = None
     """Directory with the dataset files; None means the dataset's default location."""
     seed: int = 0
@@ -100,6 +108,9 @@ class DataConfig:
     """Share of the training split held out for validation."""
     synthetic_size: int = 512
     """Samples in the synthetic dataset."""
+    eval_windows: int = 0
+    """data.name=text: validate and test on this many windows of model.context tokens, evenly spaced
+    over each split (0 = every window); a fixed sample keeps per-epoch validation cheap."""
     limit_train: int = 0
     """Use only the first n training samples (0 = all); for quick runs."""
     augment: str = "none"
@@ -107,20 +118,20 @@ class DataConfig:
     shift by up to 2 pixels each way)."""
     streaming: bool = False
     """Read data.root with Ray Data as it trains (layerpar/data/streaming.py) instead of decoding the
-    whole dataset into every rank's memory (data.name must be folder). Read by the streaming source;
-    the training loop's use lands with issue 25's one loop."""
+    whole dataset into every rank's memory (data.name must be folder): each replica group's leader
+    reads its share of every batch and broadcasts it to its branch ranks (train/feed.py). False (the
+    default): small datasets decode in seconds and train faster from memory."""
     format: str = "folder"
     """With data.streaming: `folder` (ROOT/train/<class>/*.png|jpg, as data.name=folder) or `parquet`
     (ROOT/train/*.parquet and ROOT/test/*.parquet with columns `image` (encoded bytes) and `label`).
-    Read by the streaming source; the training loop's use lands with issue 25's one loop."""
+    """
     read_parallelism: int = 0
-    """With data.streaming: Ray Data decode tasks running at once (0 = Ray Data's own choice). Read by
-    the streaming source; the training loop's use lands with issue 25's one loop."""
+    """With data.streaming: Ray Data decode tasks running at once, per replica group's leader (0 = Ray
+    Data's own choice); each takes a CPU of the cluster."""
     stats_images: int = 4096
     """With data.streaming: training images decoded (an evenly spaced sample) for the per-channel
     normalisation mean and std; at least the training split's size gives the in-memory path's
-    constants exactly. Read by the streaming source; the training loop's use lands with issue 25's
-    one loop."""
+    constants exactly. The driver takes them once, before the run starts."""
 
 
 @dataclass(frozen=True)
@@ -234,6 +245,10 @@ class ServeConfig:
     protocol's gRPC service is always on `port`, beside layerpar.v1."""
     model_name: str = "layerpar"
     """The model's name in the Open Inference Protocol (/v2/models/<model_name>)."""
+    threads: int = 1
+    """torch threads of the serving process's own engine (a one-process server, parallel.workers 0;
+    replica groups' workers use parallel.threads_per_worker). 1 (measured: about the throughput of 2
+    at two-thirds of the CPU per request, docs/SERVING.md); 0 keeps the run's train.threads."""
     max_batch: int = 64
     """Largest merged batch one engine call runs."""
     max_wait_ms: float = 0.0
@@ -278,6 +293,16 @@ class ServeConfig:
     """How often the health service asks the engine whether its workers are up."""
     min_live_fraction: float = 1.0
     """Health says SERVING only while at least this share of the workers is alive (1.0: all of them)."""
+    max_new_tokens: int = 1024
+    """Generate (language models): the most tokens one request may ask for (max_tokens above it is
+    INVALID_ARGUMENT); a generation also stops when the model's context is full."""
+    generate_slots: int = 8
+    """Generate: sequences that decode together (key/value cache slots; continuous batching). More
+    requests wait in a queue of serve.max_queue."""
+    token_latency_ms: float = 0.0
+    """Generate: per-token latency target in ms (0: off). When a decode step of the full model would
+    miss it, a new generation decodes with the largest prefix of branches that meets it (at least
+    serve.min_branches); a request's token_deadline_ms replaces it."""
     ray_min_replicas: int = 1
     """Ray Serve deployment (layerpar/serve/ray_serve.py): fewest replicas, each one branch group."""
     ray_max_replicas: int = 1

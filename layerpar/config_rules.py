@@ -18,13 +18,14 @@ class ConfigError(ValueError):
 
 
 # Allowed values of the enumerated fields, checked in validate().
-MODEL_KINDS = ("paraformer", "vit")
+MODEL_KINDS = ("paraformer", "vit", "paraformer_lm", "serial_lm")
+LM_KINDS = ("paraformer_lm", "serial_lm")
 BLOCK_STYLES = ("prenorm", "reference")
 POOLS = ("cls", "mean")
 DTYPES = ("float32", "float64")
 PRECISIONS = ("float32", "bfloat16", "float16")
 AUGMENTS = ("none", "flip", "flip_crop")
-DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "synthetic", "folder")
+DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "synthetic", "folder", "text")
 DATA_FORMATS = ("folder", "parquet")
 TRAIN_MODES = ("joint", "progressive")
 TRANSPORTS = ("collective", "object_store")
@@ -80,6 +81,7 @@ def validate(cfg: Config) -> None:
     of the earliest section is the one reported."""
     _validate_model(cfg.model)
     _validate_data(cfg.data)
+    _validate_lm(cfg)
     _validate_train(cfg.train, cfg.model)
     _validate_parallel(cfg.parallel, cfg.model)
     if cfg.train.precision == "float16" and cfg.parallel.gpus_per_worker <= 0:
@@ -132,6 +134,26 @@ def _validate_data(d: DataConfig) -> None:
                           "data.streaming=true")
 
 
+def _validate_lm(cfg: Config) -> None:
+    """A language model reads text, and text is read only by a language model."""
+    m, d = cfg.model, cfg.data
+    lm = m.kind in LM_KINDS
+    if lm != (d.name == "text"):
+        raise ConfigError(f"model.kind={m.kind} cannot train on data.name={d.name}: the language models "
+                          f"({', '.join(LM_KINDS)}) read data.name=text, and text needs one of them")
+    _at_least("data.eval_windows", d.eval_windows, 0)
+    if not lm:
+        return
+    if not 2 <= m.context <= 65536:
+        raise ConfigError(f"model.context ({m.context}) must be in 2..65536 tokens")
+    if m.head_dim and m.head_dim * m.heads != m.dim:
+        raise ConfigError(f"model.head_dim ({m.head_dim}) must be 0 or dim / heads for a language model")
+    if m.dropout:
+        raise ConfigError(f"model.dropout ({m.dropout}) must be 0 for a language model (not built yet)")
+    if d.augment != "none":
+        raise ConfigError(f"data.augment ({d.augment}) must be none for text")
+
+
 def _validate_train(t: TrainConfig, m: ModelConfig) -> None:
     _one_of("train.mode", t.mode, TRAIN_MODES)
     _at_least("train.epochs", t.epochs, 1)
@@ -167,8 +189,9 @@ def _validate_parallel(p: ParallelConfig, m: ModelConfig) -> None:
             f"parallel.workers ({p.workers}) must be <= model.num_branches ({m.num_branches}): "
             "every worker owns at least one branch"
         )
-    if p.workers and m.kind != "paraformer":
-        raise ConfigError(f"parallel.workers ({p.workers}) needs model.kind 'paraformer', got {m.kind!r}")
+    if p.workers and m.kind not in ("paraformer", "paraformer_lm"):
+        raise ConfigError(f"parallel.workers ({p.workers}) needs model.kind 'paraformer' or 'paraformer_lm', "
+                          f"got {m.kind!r}")
     _at_least("parallel.replicas", p.replicas, 1)
     if p.replicas > 1 and p.workers < 1:
         raise ConfigError(f"parallel.replicas ({p.replicas}) needs parallel.workers >= 1: each replica "
@@ -199,6 +222,7 @@ def _validate_serve(s: ServeConfig) -> None:
     for name in ("max_batch", "max_queue", "max_request_rows", "max_message_bytes"):
         _at_least(f"serve.{name}", getattr(s, name), 1)
     _at_least("serve.max_wait_ms", s.max_wait_ms, 0)
+    _at_least("serve.threads", s.threads, 0)
     _at_least("serve.latency_slo_ms", s.latency_slo_ms, 0)
     _at_least("serve.min_branches", s.min_branches, 0)
     if not 0.0 <= s.min_prefix_accuracy <= 1.0:

@@ -5,6 +5,9 @@ import os
 
 import pytest
 
+# test files start longest first under xdist (tests/suite_order.py says why)
+from suite_order import pytest_collection_modifyitems, pytest_configure  # noqa: F401
+
 # Ray listens on loopback only and its CLI clients send the auth token (docs/CLUSTER.md): set before
 # any test imports ray, in this process and every process it starts.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

@@ -3,6 +3,7 @@
     python launch/scale.py                                  # default preset (< 5 min on 2 cores)
     python launch/scale.py --preset tiny                    # seconds; what the test runs
     python launch/scale.py --preset gpu-one                 # one GPU, N = 1..32 fused (no Ray)
+    python launch/scale.py --preset lm                      # LM decoding (bench/lm_scale.py)
     python launch/scale.py --set bench.workers=[1,2] --set bench.batches=[1]
     python launch/scale.py --address auto --set parallel.gpus_per_worker=1 \
         --set bench.workers=[1,2,4,8] --set bench.branches=[8,16,32]   # a GPU cluster
@@ -29,6 +30,7 @@ import torch
 
 from layerpar.bench import report
 from layerpar.bench.harness import measure, measure_interleaved, summarize
+from layerpar.bench.lm_scale import LM_PRESETS
 from layerpar.bench.presets import (
     GPU_SYSTEMS,
     PRESETS,
@@ -348,7 +350,8 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--preset", default="default",
                     help=f"inference: one of {', '.join(PRESETS)}; training (layerpar/bench/"
-                         f"train_sweep.py): one of {', '.join(TRAIN_PRESETS)}")
+                         f"train_sweep.py): one of {', '.join(TRAIN_PRESETS)}; LM decoding "
+                         f"(layerpar/bench/lm_scale.py): one of {', '.join(LM_PRESETS)}")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="bench.<field>=value or a config override such as model.dim=256")
     ap.add_argument("--out-dir", default="runs", help="directory under which the run dir is made")
@@ -358,7 +361,12 @@ def cli_main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     command = shlex.join(["python", "launch/scale.py", *argv])
     try:
-        if args.preset in TRAIN_PRESETS:
+        if args.preset in LM_PRESETS:  # decoding the language model (layerpar/bench/lm_scale.py)
+            from layerpar.bench.lm_scale import run as run_lm
+
+            summary = run_lm(args.preset, args.sets, out_dir=args.out_dir, address=args.address,
+                             command=command)
+        elif args.preset in TRAIN_PRESETS:
             from layerpar.bench.train_sweep import run as run_train
 
             summary = run_train(args.preset, args.sets, out_dir=args.out_dir, command=command,

@@ -26,6 +26,7 @@ from layerpar.data.base import (
 from layerpar.data.cifar import load_cifar
 from layerpar.data.folder import load_folder
 from layerpar.data.sources import load_digits, load_fashion_mnist, load_synthetic
+from layerpar.data.text import load_text
 
 __all__ = ["DataError", "Split", "Splits", "batches", "batches_per_epoch", "load_dataset"]
 
@@ -49,6 +50,8 @@ def _read(cfg) -> Raw:
 def load_dataset(cfg) -> Splits:
     """Read cfg.data.name, carve val (stratified, seeded) out of train, normalise, fit the model's shape."""
     d, m = cfg.data, cfg.model
+    if d.name == "text":  # the language models' corpus: windows of tokens (data/text.py)
+        return load_text(cfg)
     raw = _read(cfg)
     channels, side = raw.x_train.shape[1], raw.x_train.shape[-1]
     if channels != m.in_channels:

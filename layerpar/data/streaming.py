@@ -6,9 +6,9 @@ normalised and augmented by Ray Data tasks as training consumes them (data.strea
     for x, y in source.batches(epoch, start_batch):          # x float32 (b, C, H, W), y int64 (b,)
         ...
 
-Who calls it: in a replica group only ONE rank (the branch-group leader) iterates `batches` and
-broadcasts each batch to its branch ranks (that verb will live in layerpar/parallel/comm.py); the
-other ranks never touch Ray Data. Not wired into the training loop yet: issue 25's one loop does it.
+Who calls it: layerpar/train/feed.StreamingFeed. In a replica group only ONE rank (the branch-group
+leader) iterates `batches` and broadcasts each batch to its branch ranks (comm.broadcast_batch); the
+other ranks never touch Ray Data.
 
 What a batch is (the in-memory path's, so that results compare):
 - train, folder format: epoch e's order is `torch.randperm(n, seeded_generator(seed, e))` over the
@@ -38,6 +38,7 @@ cluster, so a training run must leave CPUs free for them (data.read_parallelism 
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -223,11 +224,12 @@ class StreamingSource:
         step = max(self.batch_size, min(MAX_BLOCK_ROWS, BLOCK_BYTES // (4 * cat.channels * cat.side ** 2)))
         ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, len(table), step)])
         ds = ds.map_batches(_decode, batch_size=None, batch_format="numpy",
-                            concurrency=self.parallelism or None,
+                            compute=ray.data.TaskPoolStrategy(size=self.parallelism or None),
                             fn_kwargs={"files": self._ref, "mean": self.mean, "std": self.std,
                                        "crop": self.augment == "flip_crop"})
         ds.context.execution_options.preserve_order = True  # the plan's order is the batch order
         ds.context.enable_progress_bars = False  # the training loop shows its own
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # no lines per epoch over the bar
         yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
 
     @staticmethod

@@ -25,8 +25,8 @@ The distributed decoder (not built yet): the new tokens reach every worker once;
 `branch_sum(..., cache=its cache)` over its own branches (the fused stack), one all-reduce (or reduce
 to one rank) brings (B, 1, D) together, and that rank applies `logits` (norm + tied head) and samples.
 
-`LMConfig` is a standalone frozen dataclass for now; wiring into the config tree (`model.kind:
-paraformer_lm`) lands with the training loop.
+`LMConfig` is a standalone frozen dataclass; `build_lm(cfg.model)` makes one from the config tree
+(`model.kind: paraformer_lm` or `serial_lm`), which the training loop does (train/lm_shard.py).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerpar.model.blocks import Block
-from layerpar.model.fused import Branch, FusedBranchStack
+from layerpar.model.fused import LOOP_MIN_ELEMENTS, Branch, FusedBranchStack
 from layerpar.model.layers import seeded
 from layerpar.model.lm_cache import CacheError, KVCache, causal_block
 
@@ -117,10 +117,16 @@ class _LM(nn.Module):
                              f"{self.cfg.context} tokens")
         return self.tok[tokens] + self.pos[pos]  # (B, T, D)
 
-    def logits(self, y: torch.Tensor) -> torch.Tensor:
-        """The summed final hidden state y (B, T, D) -> logits (B, T, V): final LayerNorm, head."""
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's (V, D) weight: the token embedding when tied."""
+        return self.tok if self.head_w is None else self.head_w
+
+    def logits(self, y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The summed final hidden state y (B, T, D) -> logits (B, T, V): final LayerNorm, head
+        (`weight`: the head's weight to use instead of head_weight(), e.g. a detached copy whose
+        gradient training keeps apart from the embedding's)."""
         n = F.layer_norm(y, y.shape[-1:], self.norm.weight, self.norm.bias, eps=1e-5)
-        return F.linear(n, self.tok if self.head_w is None else self.head_w)
+        return F.linear(n, self.head_weight() if weight is None else weight)
 
     def forward(self, tokens: torch.Tensor, *, num_branches: int | None = None,
                 fused: bool = True) -> torch.Tensor:
@@ -152,16 +158,27 @@ class _LM(nn.Module):
         return self.logits(y)
 
 
-class ParaFormerLM(_LM):
-    """N branches of branch_depth causal blocks, all reading x0; logits of their sum."""
+class _Absent(nn.Module):
+    """A branch another worker owns: no weights here, so the owned branches keep their names."""
 
-    def __init__(self, cfg: LMConfig, seed: int = 0):
+
+class ParaFormerLM(_LM):
+    """N branches of branch_depth causal blocks, all reading x0; logits of their sum. `branch_ids`:
+    build only those branches (a training worker's share, train/lm_shard.py); the others are empty
+    placeholders, so every weight has the whole model's name and a branch the same weights wherever
+    it is built. Such a share trains through `owned_outputs`; forward/step need every branch."""
+
+    def __init__(self, cfg: LMConfig, seed: int = 0, branch_ids: Sequence[int] | None = None):
         super().__init__(cfg, seed)
+        ids = range(cfg.num_branches) if branch_ids is None else sorted(set(branch_ids))
+        if any(not 0 <= b < cfg.num_branches for b in ids):
+            raise ValueError(f"branch ids {list(ids)} out of range 0..{cfg.num_branches - 1}")
+        self.branch_ids = list(ids)
         self.branches = nn.ModuleList(
-            Branch([self._block(seed, 1, b, d) for d in range(cfg.branch_depth)])
-            for b in range(cfg.num_branches))
+            Branch([self._block(seed, 1, b, d) for d in range(cfg.branch_depth)]) if b in self.branch_ids
+            else _Absent() for b in range(cfg.num_branches))
         self.cache_depth, self.cache_branches = cfg.branch_depth, cfg.num_branches
-        self._stacks: dict[int, FusedBranchStack] = {}
+        self._stacks: dict = {}
         self._finish()
 
     def _apply(self, fn, *args, **kw):
@@ -169,6 +186,29 @@ class ParaFormerLM(_LM):
         # stack's no-grad weight cache keys on: drop the stacks so they restack the new tensors
         self._stacks = {}
         return super()._apply(fn, *args, **kw)
+
+    def owned_outputs(self, x0: torch.Tensor, branch_ids: Sequence[int]) -> torch.Tensor:
+        """x0 (B, T, D) -> the listed owned branches' outputs (K, B, T, D) (K may be 0), no cache: the
+        training forward of a worker's share. Fused (stacked weights) while the activations are
+        small, one branch at a time above fused.LOOP_MIN_ELEMENTS on a CPU (as the image model)."""
+        ids, heads = tuple(branch_ids), self.cfg.heads
+        if not ids:
+            return x0.new_zeros((0, *x0.shape))
+        if len(ids) == 1 or (x0.device.type == "cpu" and x0.numel() >= LOOP_MIN_ELEMENTS):
+            outs = []
+            for b in ids:
+                h = x0
+                for block in self.branches[b].blocks:
+                    h = causal_block(block.weights(), h, heads=heads)
+                outs.append(h)
+            return torch.stack(outs)
+        stack = self._stacks.get(ids)
+        if stack is None:
+            stack = self._stacks[ids] = FusedBranchStack([self.branches[b] for b in ids], list(ids))
+        h = x0.unsqueeze(0).expand(len(ids), *x0.shape)
+        for p in stack.stacked_weights():
+            h = causal_block(p, h, heads=heads)
+        return h
 
     def _k(self, num_branches: int | None) -> int:
         k = self.cfg.num_branches if num_branches is None else num_branches
@@ -182,6 +222,8 @@ class ParaFormerLM(_LM):
         """x0 (B, T, D) -> each of the first k branches' output (K, B, T, D), fused (stacked weights,
         batched matmuls over the branch axis) or one branch at a time; the same math."""
         k, heads = self._k(num_branches), self.cfg.heads
+        if k > len(self.branch_ids) or self.branch_ids[k - 1] != k - 1:
+            raise ValueError(f"this model holds branches {self.branch_ids}, not the first {k}")
         if fused and k > 1:
             stack = self._stacks.get(k)
             if stack is None:
@@ -257,3 +299,21 @@ def generate(model: _LM, prompts: Sequence[Sequence[int]], max_new_tokens: int, 
     finally:
         for s in slots:
             cache.free(s)
+
+
+def lm_config(model_cfg, vocab: int = 259) -> LMConfig:
+    """The LMConfig of a config tree's model section (model.kind paraformer_lm / serial_lm)."""
+    m = model_cfg
+    return LMConfig(vocab=vocab, dim=m.dim, heads=m.heads, mlp_dim=m.mlp_dim, num_branches=m.num_branches,
+                    branch_depth=m.branch_depth, context=m.context, dtype=m.dtype)
+
+
+def build_lm(model_cfg, *, seed: int = 0, branch_ids: Sequence[int] | None = None) -> _LM:
+    """The language model a config tree's model section describes; `branch_ids`: a share of the
+    Para-Former LM's branches (the serial baseline is always whole)."""
+    cfg = lm_config(model_cfg)
+    if model_cfg.kind == "serial_lm":
+        return SerialLM(cfg, seed=seed)
+    if model_cfg.kind != "paraformer_lm":
+        raise ValueError(f"model.kind {model_cfg.kind!r} is not a language model")
+    return ParaFormerLM(cfg, seed=seed, branch_ids=branch_ids)

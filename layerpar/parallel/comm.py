@@ -22,6 +22,10 @@ loss of its rows divided by the whole batch's size, so sums over the replica axi
 the whole batch's mean loss (sum_grads): a branch's and the head's gradients are summed over the
 replica axis, the embedding's over the whole mesh, the squared norm over the branch axis after that.
 
+Streamed training data (data.streaming, train/feed.py): only rank 0 of a branch group reads each
+batch and sends it to the group's other ranks once (broadcast_batch); each replica evaluates its share
+of val / test and the counts are summed over the replica axis (sum_over_replicas).
+
 `LocalComm` is the world of one process: the same verbs, no communication. The training step in
 `layerpar.train.step` is written once against these verbs and runs unchanged in both.
 """
@@ -66,7 +70,7 @@ class Traffic:
         if n > 1:
             self.calls += 1
             self.bytes += {"all_gather": (n - 1) * nbytes, "all_reduce": 2 * (n - 1) * nbytes / n,
-                           "gather": 0 if root else nbytes}[kind]
+                           "gather": 0 if root else nbytes, "broadcast": nbytes if root else 0}[kind]
 
 
 class LocalComm:
@@ -95,6 +99,13 @@ class LocalComm:
 
     def any_true(self, flag: bool) -> bool:
         return bool(flag)
+
+    def broadcast_batch(self, x: torch.Tensor | None, y: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, y
+
+    def sum_over_replicas(self, t: torch.Tensor) -> torch.Tensor:
+        return t
 
 
 def sq_norm(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -178,6 +189,13 @@ class GroupComm:
         _run(dist.gather, padded, parts, dst=0, group=self.group)  # global rank 0 is every group's rank 0
         return _sum_in_branch_order(parts, counts) if self.rank == 0 else None
 
+    def reduce_to_leader(self, partial: torch.Tensor) -> torch.Tensor | None:
+        """Decoding (runtime/lm_worker.py): this rank's branch sum (B, D) -> the sum over the group's
+        ranks on rank 0 (None elsewhere), one reduce (NCCL's on GPUs); in place. No autograd."""
+        self.traffic.add("gather", partial.nbytes, self.world_size, root=self.rank == 0)
+        _run(dist.reduce, partial, dst=0, group=self.group)
+        return partial if self.rank == 0 else None
+
     def _counts(self, num_branches: int | None) -> list[int]:
         """Branches below num_branches that each rank of the group owns."""
         k = self.layout.num_branches if num_branches is None else num_branches
@@ -233,6 +251,46 @@ class GroupComm:
         """True on every rank of the mesh if any rank's flag is true (ranks agree on stopping early)."""
         t = torch.tensor([1.0 if flag else 0.0], device=_device())
         return bool(_sum_over_ranks(t, self._everyone).item() > 0)
+
+    def broadcast_batch(self, x: torch.Tensor | None, y: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Streamed training data: rank 0 of the branch group (the replica's leader, which alone reads
+        the data) passes its batch (x (B, ...) float, y (B,) int64), the other ranks None; every rank
+        of the group returns the leader's batch, on this rank's device. Shapes and dtype go first
+        (one small int64 broadcast), then x, then y: each byte of the batch is sent once per group,
+        not read W times. A batch of 0 rows (a replica's empty share) sends only the shapes."""
+        device, leader = _device(), self.rank == 0
+        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        head = torch.zeros(_HEAD, dtype=torch.int64, device=device)
+        if leader:
+            if x.dim() > _HEAD - 2:
+                raise ValueError(f"broadcast_batch takes x of at most {_HEAD - 2} dimensions, not {x.dim()}")
+            head[0], head[1] = _DTYPES.index(x.dtype), x.dim()
+            head[2:2 + x.dim()] = torch.tensor(x.shape, dtype=torch.int64)
+        _run(dist.broadcast, head, src=src, group=self.group)
+        dtype, ndim = _DTYPES[int(head[0])], int(head[1])
+        shape = tuple(int(v) for v in head[2:2 + ndim])
+        if leader:
+            x, y = x.to(device).contiguous(), y.to(device, torch.int64).contiguous()
+        else:
+            x = torch.empty(shape, dtype=dtype, device=device)
+            y = torch.empty(shape[0], dtype=torch.int64, device=device)
+        if shape[0] > 0:
+            self.traffic.add("broadcast", x.nbytes + y.nbytes, self.world_size, root=leader)
+            _run(dist.broadcast, x, src=src, group=self.group)
+            _run(dist.broadcast, y, src=src, group=self.group)
+        return x, y
+
+    def sum_over_replicas(self, t: torch.Tensor) -> torch.Tensor:
+        """The sum of a small 1-D float tensor over the replica axis (the replicas' evaluation
+        counts), in replica order: the same bits on every rank."""
+        if self.replicas == 1:
+            return t
+        return _sum_over_ranks(t.to(_device()), self.replica_group, self.traffic).cpu()
+
+
+_HEAD = 8  # broadcast_batch's header: dtype code, ndim, up to 6 sizes
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.uint8)
 
 
 def _flat(tensors: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ it is computed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -262,3 +263,45 @@ class Batcher:
         except Exception:  # noqa: BLE001 - bookkeeping must not take the slot's thread down
             log.exception("recording a finished batch failed (the callers were answered)")
 
+
+
+class LoopBridge:
+    """The batcher's futures awaited on one asyncio loop, with one loop wake-up per burst of answers
+    instead of one per request (asyncio.wrap_future calls call_soon_threadsafe, a write to the loop's
+    self-pipe and a wake-up, for every future; a batch resolves its callers' futures back to back, so
+    they share one). Cancelling the awaiting task cancels the batcher's future, as wrap_future does
+    (a request not yet taken into a batch is then dropped unseen)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._done: list[tuple[asyncio.Future, Future]] = []
+        self._lock = threading.Lock()
+
+    def wrap(self, future: Future) -> asyncio.Future:
+        waiter = self.loop.create_future()
+        waiter.add_done_callback(lambda w: future.cancel() if w.cancelled() else None)
+        future.add_done_callback(lambda f: self._resolved(waiter, f))
+        return waiter
+
+    def _resolved(self, waiter: asyncio.Future, future: Future) -> None:  # any thread
+        with self._lock:
+            first = not self._done
+            self._done.append((waiter, future))
+        if first:
+            try:
+                self.loop.call_soon_threadsafe(self._flush)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+    def _flush(self) -> None:  # on the loop
+        with self._lock:
+            done, self._done = self._done, []
+        for waiter, future in done:
+            if waiter.done():
+                continue
+            if future.cancelled():
+                waiter.cancel()
+            elif (exc := future.exception()) is not None:
+                waiter.set_exception(exc)
+            else:
+                waiter.set_result(future.result())

@@ -171,6 +171,10 @@ def serve_main(argv: list[str] | None = None) -> int:
             check_port_free(cfg.serve.metrics_host, cfg.serve.metrics_port, "metrics")
         if cfg.serve.http_port > 0:
             check_port_free(cfg.serve.host, cfg.serve.http_port, "REST")
+        from layerpar.serve.lm_source import is_lm, serve_lm_main
+
+        if is_lm(cfg):  # a language model: the Generate server (serve/generate_rpc.py)
+            return serve_lm_main(cfg, ckpt_dir, manifest, token, args.set)
         if ckpt_dir is None:
             print("warning: no --checkpoint: serving freshly initialised (untrained) weights",
                   file=sys.stderr)
@@ -182,6 +186,10 @@ def serve_main(argv: list[str] | None = None) -> int:
         for line in floor.warnings:
             print(f"warning: {line}", file=sys.stderr)
         backend = load_weights_into(make_backend(cfg), ckpt_dir)
+        if cfg.serve.threads > 0:  # the serving engine's own threads, not the run's train.threads
+            import torch
+
+            torch.set_num_threads(cfg.serve.threads)
     except (ConfigError, CheckpointError, OSError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         print(json.dumps({"error": str(exc)}))

@@ -44,6 +44,11 @@ class InferenceStub:
                 request_serializer=layerpar_dot_serve_dot_layerpar__v1__pb2.ModelInfoRequest.SerializeToString,
                 response_deserializer=layerpar_dot_serve_dot_layerpar__v1__pb2.ModelInfoResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/layerpar.v1.Inference/Generate',
+                request_serializer=layerpar_dot_serve_dot_layerpar__v1__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=layerpar_dot_serve_dot_layerpar__v1__pb2.GenerateResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -64,6 +69,16 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """Generate text from a prompt with a causal language model (a server started on an LM checkpoint;
+        an image model answers FAILED_PRECONDITION). Server-streaming: one GenerateResponse carrying a
+        `token` as each token is made, then one carrying `done` (stop reason, token counts). Several
+        generations decode together (continuous batching); cancelling the call frees its cache slot.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +91,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.ModelInfo,
                     request_deserializer=layerpar_dot_serve_dot_layerpar__v1__pb2.ModelInfoRequest.FromString,
                     response_serializer=layerpar_dot_serve_dot_layerpar__v1__pb2.ModelInfoResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=layerpar_dot_serve_dot_layerpar__v1__pb2.GenerateRequest.FromString,
+                    response_serializer=layerpar_dot_serve_dot_layerpar__v1__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +152,33 @@ class Inference:
             '/layerpar.v1.Inference/ModelInfo',
             layerpar_dot_serve_dot_layerpar__v1__pb2.ModelInfoRequest.SerializeToString,
             layerpar_dot_serve_dot_layerpar__v1__pb2.ModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/layerpar.v1.Inference/Generate',
+            layerpar_dot_serve_dot_layerpar__v1__pb2.GenerateRequest.SerializeToString,
+            layerpar_dot_serve_dot_layerpar__v1__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,6 +4,8 @@
   as soon as its previous answer arrives.
 - run_open_loop: requests sent at a fixed rate whatever the answers do (an offered load, which a
   closed loop cannot exceed the server's capacity with), consecutive rows of a pool each.
+- run_oip_load / run_http_load: run_load's closed loop over the Open Inference Protocol (tritonclient's
+  gRPC client: layerpar and Triton) and over plain HTTP POSTs (Ray Serve); the peer benchmark's clients.
 
 Latency is measured per request on the client (send -> answer); throughput is answered requests over
 the wall time of the run. `record=True` keeps every request's send time (time.monotonic) and latency.
@@ -117,6 +119,104 @@ def run_open_loop(address: str, xs: np.ndarray, *, rate: float, requests: int, r
     second, not waiting for answers; "replies": every answer's (first row, latency seconds, predicted
     classes, branches used, the server's own milliseconds from receiving it to answering)."""
     return asyncio.run(_open_loop(address, xs, rate=rate, requests=requests, rows=rows, token=token,
+                                  timeout_s=timeout_s))
+
+
+async def _closed_loop(calls: list, *, requests: int, failure) -> dict:
+    """`len(calls)` closed-loop clients; calls[i]() sends one request of client i (a coroutine that
+    raises on failure); failure(exc) names the status of a failed call."""
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    left = requests
+
+    async def client(call) -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1  # one event loop: no lock needed
+            t0 = time.perf_counter()
+            try:
+                await call()
+                latencies.append(time.perf_counter() - t0)
+            except Exception as exc:  # noqa: BLE001 - a failed request is counted, the load goes on
+                name = failure(exc)
+                errors[name] = errors.get(name, 0) + 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(c) for c in calls))
+    wall = time.perf_counter() - t0
+    return {"concurrency": len(calls), "requests": requests, "ok": len(latencies), "errors": errors,
+            "seconds": round(wall, 3), "throughput_rps": round(len(latencies) / wall, 1),
+            **percentiles(latencies)}
+
+
+async def _oip_load(address: str, x: np.ndarray, *, concurrency: int, requests: int, model: str,
+                    timeout_s: float) -> dict:
+    import tritonclient.grpc.aio as tca
+    from tritonclient.utils import InferenceServerException
+
+    clients = [tca.InferenceServerClient(address) for _ in range(concurrency)]
+    tensor = tca.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(np.ascontiguousarray(x, np.float32))
+    want = [tca.InferRequestedOutput("logits")]
+
+    def call(client):
+        async def one():
+            await client.infer(model, [tensor], outputs=want, client_timeout=timeout_s)
+        return one
+
+    def failure(exc) -> str:
+        if isinstance(exc, InferenceServerException):
+            return str(exc.status() or "ERROR").replace("StatusCode.", "")
+        return type(exc).__name__
+
+    try:
+        return await _closed_loop([call(c) for c in clients], requests=requests, failure=failure)
+    finally:
+        for c in clients:
+            await c.close()
+
+
+def run_oip_load(address: str, x: np.ndarray, *, concurrency: int, requests: int, model: str = "layerpar",
+                 timeout_s: float = 30.0) -> dict:
+    """The Open Inference Protocol over gRPC with the standard client (tritonclient.grpc.aio, one client
+    and channel per concurrent caller): `requests` ModelInfer calls of x from `concurrency` closed-loop
+    clients, as run_load does for layerpar.v1; works against layerpar and Triton alike."""
+    return asyncio.run(_oip_load(address, x, concurrency=concurrency, requests=requests, model=model,
+                                 timeout_s=timeout_s))
+
+
+async def _http_load(url: str, body: bytes, headers: dict, *, concurrency: int, requests: int,
+                     timeout_s: float) -> dict:
+    import aiohttp
+
+    class HttpStatus(Exception):
+        pass
+
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    sessions = [aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=1))
+                for _ in range(concurrency)]
+
+    def call(session):
+        async def one():
+            async with session.post(url, data=body, headers=headers) as r:
+                await r.read()
+                if r.status != 200:
+                    raise HttpStatus(str(r.status))
+        return one
+
+    try:
+        return await _closed_loop([call(s) for s in sessions], requests=requests,
+                                  failure=lambda e: str(e) if isinstance(e, HttpStatus) else type(e).__name__)
+    finally:
+        for s in sessions:
+            await s.close()
+
+
+def run_http_load(url: str, body: bytes, *, concurrency: int, requests: int, headers: dict | None = None,
+                  timeout_s: float = 30.0) -> dict:
+    """`requests` POSTs of body to url from `concurrency` closed-loop clients (one keep-alive connection
+    each, aiohttp); a reply other than 200 counts as an error named by its status."""
+    return asyncio.run(_http_load(url, body, headers or {}, concurrency=concurrency, requests=requests,
                                   timeout_s=timeout_s))
 
 

@@ -71,12 +71,17 @@ class ServerMetrics:
         self.slo_prefix = Counter("layerpar_slo_prefix_responses", "Answers from a prefix of the branches "
                                   "chosen to meet serve.latency_slo_ms", registry=r)
         self._http = None
+        self._request_children: dict[tuple[str, str], object] = {}
 
     def track_queue(self, depth: Callable[[], int]) -> None:
         self.queue_depth.set_function(depth)  # read at scrape time
 
     def request(self, method: str, status: str) -> None:
-        self.requests.labels(method=method, status=status).inc()
+        child = self._request_children.get((method, status))
+        if child is None:  # labels() takes a lock and builds a key: once per (method, status), not per call
+            child = self._request_children[(method, status)] = self.requests.labels(method=method,
+                                                                                   status=status)
+        child.inc()
 
     def batch(self, rows: int, requests: int) -> None:
         self.batch_rows.observe(rows)

@@ -58,3 +58,36 @@ ModelMetadataResponse = _message("ModelMetadataResponse")
 ModelInferRequest = _message("ModelInferRequest")
 ModelInferResponse = _message("ModelInferResponse")
 InferParameter = _message("InferParameter")
+
+
+class ReflectionPool:
+    """What server reflection reads descriptors from: protobuf's default pool (layerpar.v1, health,
+    reflection itself), then this module's POOL (inference.*), so that a reflection client lists and
+    describes the Open Inference Protocol's service beside layerpar.v1."""
+
+    def __init__(self, *pools):
+        self.pools = pools or (descriptor_pool.Default(), POOL)
+
+    def _first(self, method: str, *args):
+        error: Exception | None = None
+        for pool in self.pools:
+            try:
+                return getattr(pool, method)(*args)
+            except KeyError as exc:
+                error = exc
+        raise error
+
+    def FindFileByName(self, name):  # noqa: N802 - the DescriptorPool method names reflection calls
+        return self._first("FindFileByName", name)
+
+    def FindFileContainingSymbol(self, symbol):  # noqa: N802
+        return self._first("FindFileContainingSymbol", symbol)
+
+    def FindMessageTypeByName(self, name):  # noqa: N802
+        return self._first("FindMessageTypeByName", name)
+
+    def FindExtensionByNumber(self, message, number):  # noqa: N802
+        return self._first("FindExtensionByNumber", message, number)
+
+    def FindAllExtensions(self, message):  # noqa: N802
+        return self._first("FindAllExtensions", message)

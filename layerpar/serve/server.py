@@ -39,7 +39,7 @@ from layerpar.model.overflow import InputOverflow, nonfinite_rows, overflow_mess
 from layerpar.serve import layerpar_v1_pb2 as pb
 from layerpar.serve import oip_grpc, oip_pb
 from layerpar.serve.auth import TokenAuth, resolve_token, server_credentials
-from layerpar.serve.batching import Batcher, DeadlineExpired, Draining, QueueFull
+from layerpar.serve.batching import Batcher, DeadlineExpired, Draining, LoopBridge, QueueFull
 from layerpar.serve.codec import BadRequest, InputSpec, decode_request, encode_response, parse_request
 from layerpar.serve.decoding import DecodeGuard
 from layerpar.serve.metrics import ServerMetrics
@@ -131,12 +131,14 @@ class InferenceServer:
 
     async def start(self) -> str:
         """Bind, start serving, return "host:port"."""
+        from layerpar.serve.generate_refusal import not_an_lm_handler
         s = self.cfg.serve
         self.batcher = Batcher(self._compute, max_batch=s.max_batch, max_wait_ms=s.max_wait_ms,
                                max_queue=s.max_queue, slots=int(getattr(self.backend, "concurrency", 1)),
                                planner=self.planner, on_batch=self.metrics.batch,
                                on_expired=self.metrics.expired.inc)
         self.metrics.track_queue(self.batcher.depth)
+        self._bridge = LoopBridge(asyncio.get_running_loop())  # answers reach this loop in bursts
         count = self.metrics.request
         interceptors = [TokenAuth(self.token, on_refused=lambda m: count(method_label(m), "UNAUTHENTICATED"),
                                   health_auth=s.health_auth)] if self.token else []
@@ -153,12 +155,13 @@ class InferenceServer:
             "ModelInfo": grpc.unary_unary_rpc_method_handler(
                 self.model_info, request_deserializer=pb.ModelInfoRequest.FromString,
                 response_serializer=pb.ModelInfoResponse.SerializeToString),
+            "Generate": not_an_lm_handler(count),  # FAILED_PRECONDITION: generate_rpc.py serves LMs
         }), oip_grpc.handlers(self)))  # the Open Inference Protocol on the same port
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            self.server)
+            [SERVICE, oip_pb.SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME], self.server, pool=oip_pb.ReflectionPool())
         await self._set_health(False)  # NOT_SERVING until the first probe says the workers are up
         host = f"[{s.host}]" if ":" in s.host else s.host
         target = f"{host}:{s.port}"
@@ -340,7 +343,7 @@ class InferenceServer:
         except Draining as exc:
             return Code.UNAVAILABLE, str(exc)
         try:
-            out = await asyncio.wrap_future(future)
+            out = await self._bridge.wrap(future)
         except DeadlineExpired as exc:
             return Code.DEADLINE_EXCEEDED, str(exc)
         except BackendUnavailable as exc:
@@ -350,7 +353,8 @@ class InferenceServer:
         except Exception as exc:  # noqa: BLE001 - one bad engine call must not take the server down
             log.exception("engine call failed")
             return Code.INTERNAL, f"the engine failed: {type(exc).__name__}: {exc}"
-        bad = nonfinite_rows(out.logits)  # this request's rows only: its batch-mates are judged alone
+        # this request's rows only: its batch-mates are judged alone (numpy first: no torch per request)
+        bad = [] if np.isfinite(out.logits).all() else nonfinite_rows(out.logits)
         if bad:
             return Code.INVALID_ARGUMENT, overflow_message(bad, d.rows)
         meta = out.meta

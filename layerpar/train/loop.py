@@ -35,6 +35,8 @@ from layerpar.train.checkpoint import (
     CheckpointError,
     _restore_replaced,
 )
+from layerpar.train.feed import StreamingFeed, check_stream
+from layerpar.train.lm_shard import shard_class
 from layerpar.train.metrics_log import add_metric, rebuild_metrics
 from layerpar.train.rank_loop import RankRun, run_rank
 from layerpar.train.shard import BranchShard, TimedComm
@@ -165,22 +167,26 @@ def run_training(cfg, run_dir: str | Path | None = None, *, resume: str | Path |
     Tune's) on parallel.replicas x parallel.workers ranks; 0 runs the same loop in this process."""
     t_start = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
-    splits = load_dataset(cfg)  # data errors surface before anything is written
+    # data errors surface before anything is written: a streamed dataset is checked without loading
+    # it (train/feed.check_stream), an in-memory one is loaded here (and again by every rank)
+    stream = check_stream(cfg) if cfg.data.streaming else None
+    splits = load_dataset(cfg) if stream is None else None
     run_dir, start = start_point(cfg, run_dir, resume)  # verified before any rank starts
     save_config(cfg, run_dir)
-    bpe = batches_per_epoch(int(splits.train.y.shape[0]), cfg.train.batch_size)
+    bpe = batches_per_epoch(stream["rows"]["train"] if stream else len(splits.train), cfg.train.batch_size)
     log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else (lambda msg: None)
     if start.checkpoint is not None:
         log(f"resuming from {start.checkpoint} (epoch {start.epoch}, +{start.skip} batches)")
     if cfg.parallel.workers >= 1:  # every rank runs the loop, under Ray Train
         from layerpar.train.raytrain import fit
 
-        out = fit(cfg, run_dir, start_from=start.checkpoint, bpe=bpe,
+        out = fit(cfg, run_dir, start_from=start.checkpoint, bpe=bpe, stream=stream,
                   initial=start.epoch * bpe + start.skip, progress=progress, callbacks=callbacks)
         result = {"run_dir": str(run_dir), **out, "kind": cfg.model.kind, "mode": cfg.train.mode,
                   "dataset": cfg.data.name}
     else:
-        result = _one_process(cfg, run_dir, splits, start, bpe, log, progress, t_start=t_start)
+        result = _one_process(cfg, run_dir, splits, start, bpe, log, progress, t_start=t_start,
+                              stream=stream)
     result["total_seconds"] = round(start.prior_total + time.perf_counter() - t_start, 3)  # >= train
     (run_dir / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -217,25 +223,37 @@ class LocalHost:
 
 
 def _one_process(cfg, run_dir: Path, splits, start: _Start, bpe: int, log, progress: bool, *,
-                 t_start: float) -> dict[str, Any]:
-    """The loop as a world of one in this process (parallel.workers = 0)."""
+                 t_start: float, stream: dict | None = None) -> dict[str, Any]:
+    """The loop as a world of one in this process (parallel.workers = 0); a streamed dataset is read
+    by Ray Data (a local Ray is started if none is running)."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     fs, root = _run_root(cfg, run_dir)
     total_steps = cfg.train.epochs * bpe * len(prefix_plan(cfg))
-    shard = BranchShard(cfg, worker_rank=0, total_steps=total_steps)
+    shard = shard_class(cfg)(cfg, worker_rank=0, total_steps=total_steps)  # lm_shard: an LM's
     comm = TimedComm(shard.comms[1])  # LocalComm: every collective verb is the identity
     host = LocalHost(cfg, run_dir, bpe, start, log, progress)
+    owns_ray, feed = False, None
+    if stream is not None:
+        from layerpar.parallel.cluster import connect
+
+        owns_ray = connect(cfg, min_cpus=1 + max(1, cfg.data.read_parallelism))
+        feed = StreamingFeed(cfg, comm, rows=stream["rows"], catalog=stream["catalog"],
+                             stats=stream["stats"])
     try:
         config = {"start": start.checkpoint, "attempt": f"local-{uuid.uuid4().hex[:6]}"}
         run = RankRun(cfg, config, host, shard=shard, comm=comm, splits=splits, fs=fs, root=root,
-                      t0=t_start)
+                      t0=t_start, feed=feed)
         log(f"run {run_dir}: {cfg.model.kind} params={_params(shard)} workers=0 transport=local "
             f"epochs={cfg.train.epochs} steps={total_steps} precision={cfg.train.precision}"
             + (f" compile={shard.compile_s:.1f}s" if cfg.model.compile else ""))
         m = run_rank(run)
     finally:
         host.bar.close()
+        if owns_ray:
+            import ray
+
+            ray.shutdown()
     ckpt = m["checkpoint"]
     return {
         "run_dir": str(run_dir), "test_accuracy": m["test_accuracy"], "test_loss": m["test_loss"],
@@ -245,7 +263,7 @@ def _one_process(cfg, run_dir: Path, splits, start: _Start, bpe: int, log, progr
         "dataset": cfg.data.name, "epochs": m["epochs"], "steps": m["steps"],
         "stopped_early": m["stopped_early"], "checkpoint": None if ckpt is None else str(ckpt),
         "failures": 0, "restarts": [], "storage": str(run_dir), "phases": m["phases"],
-        "trainer": "local",
+        "trainer": "local", **{k: v for k, v in m.items() if "bits_per_byte" in k},  # a language model's
     }
 
 

@@ -22,12 +22,11 @@ from typing import Protocol
 import pyarrow.fs as pafs
 import torch
 
-from layerpar.data import batches, batches_per_epoch
-from layerpar.data.augment import augment
 from layerpar.model import ParaFormer
 from layerpar.model.paraformer import prefix_sums
 from layerpar.train.checkpoint import CheckpointError, load_checkpoint
-from layerpar.train.evaluate import epoch_record, evaluate
+from layerpar.train.evaluate import epoch_record, evaluate_feed
+from layerpar.train.feed import MemoryFeed
 from layerpar.train.shard_checkpoint import (
     checkpoint_path,
     clean_staging,
@@ -105,18 +104,16 @@ def deadline_due(done: int, comm) -> bool:
     return comm.world_size * comm.replicas == 1 or done % DEADLINE_EVERY == 0
 
 
-def train_epoch(shard, split, cfg, *, epoch: int, skip: int, clock: Clock, host: Host, state: dict,
+def train_epoch(shard, feed, cfg, *, epoch: int, skip: int, clock: Clock, host: Host, state: dict,
                 deadline: float | None) -> tuple[list[float], float, int]:
-    """One pass from batch `skip` on; every rank draws the same batches, fixed by (data.seed, epoch).
-    Returns (losses, lr, done)."""
+    """One pass from batch `skip` on; the feed (train/feed.py) gives every rank its batches, fixed by
+    (data.seed, epoch). Returns (losses, lr, done)."""
     losses, lr, done = [], 0.0, skip
     t_data = time.perf_counter()
-    for i, (x, y) in enumerate(batches(split, cfg.train.batch_size, seed=cfg.data.seed, epoch=epoch,
-                                       skip=skip), start=skip):
-        x = augment(x, kind=cfg.data.augment, seed=cfg.data.seed, epoch=epoch, index=i)
+    for i, (x, y, share) in enumerate(feed.train_batches(epoch, skip), start=skip):
         t0, c0 = time.perf_counter(), clock.comm.seconds
-        clock.data += t0 - t_data
-        out = shard.train_step(x, y)
+        clock.data += t0 - t_data  # a streamed feed's broadcast counts as data time
+        out = shard.train_step(x, y, share=share)
         t_data = time.perf_counter()
         clock.step += t_data - t0
         clock.coll += clock.comm.seconds - c0  # the step's collectives only (not evaluation's)
@@ -174,14 +171,16 @@ class RankRun:
     """One rank's run: its shard, comm, clocks and where it stands. config: start (the start
     checkpoint, verified by the driver, or None), attempt (stamped on this attempt's checkpoints),
     prior_total (the wall time of the runs before, when the start checkpoint does not say), chaos
-    (tests only: slow_publish_s)."""
+    (tests only: slow_publish_s). feed: where the batches come from (train/feed.py; default the
+    in-memory `splits`)."""
 
     def __init__(self, cfg, config: dict, host: Host, *, shard, comm, splits, fs, root: str,
-                 rank: int = 0, t0: float | None = None) -> None:
+                 rank: int = 0, t0: float | None = None, feed=None) -> None:
         self.cfg, self.config, self.host, self.shard, self.comm = cfg, config, host, shard, comm
         self.t0 = time.perf_counter() if t0 is None else t0
         self.rank, self.splits, self.fs, self.root = rank, splits, fs, root
-        self.bpe = batches_per_epoch(len(splits.train), cfg.train.batch_size)
+        self.feed = feed if feed is not None else MemoryFeed(cfg, splits)
+        self.bpe = self.feed.batches_per_epoch()
         manifest, self.where = restore(shard, comm, fs, root, config)
         self.extra = (manifest or {}).get("extra", {})
         # every epoch record of this history, carried by each checkpoint (metrics.jsonl is rebuilt
@@ -192,11 +191,17 @@ class RankRun:
         self.skip = int(self.extra.get("epoch_batches", 0))
         self.prior = float(self.extra.get("train_seconds", 0.0))
         self.prior_total = float(self.extra.get("total_seconds", self.prior))
+        # train.max_minutes bounds one invocation: a group Ray Train restarted from a checkpoint of
+        # this attempt has already spent part of it (a resume by a new driver starts a new budget)
+        same_attempt = manifest and self.extra.get("attempt") == config.get("attempt")
+        self.spent = float(self.extra.get("attempt_train_seconds", 0.0)) if same_attempt else 0.0
         if rank == 0:
             clean_staging(fs, root)
         host.started({"kind": "start", "rank": rank, "restored": self.where, "epoch": self.start_epoch,
                       "batch": self.skip, "step": shard.step})
-        self.evaluator, self.clock = ShardEval(shard, comm), Clock(comm)
+        # a language model's shard brings its own evaluator (train/lm_shard.LMEval)
+        self.evaluator = shard.evaluator(comm) if hasattr(shard, "evaluator") else ShardEval(shard, comm)
+        self.clock = Clock(comm)
         self.state = {"step": shard.step, "samples": 0, "pushed": 0.0}
         self.t_train, self.eval_bs = time.perf_counter(), max(cfg.train.batch_size, 256)
         self.val, self.stopped_early = None, False
@@ -204,13 +209,14 @@ class RankRun:
 
     def epoch(self, epoch: int) -> tuple[dict, bool, bool]:
         """Train one epoch (from self.skip), validate; (record, stopped early, over budget)."""
-        t_epoch, budget_s = time.perf_counter(), self.cfg.train.max_minutes * 60.0
-        losses, lr, done = train_epoch(self.shard, self.splits.train, self.cfg, epoch=epoch, skip=self.skip,
+        t_epoch, budget_s = time.perf_counter(), self.cfg.train.max_minutes * 60.0 - self.spent
+        budget_s = max(budget_s, 1e-9) if self.cfg.train.max_minutes else 0.0
+        losses, lr, done = train_epoch(self.shard, self.feed, self.cfg, epoch=epoch, skip=self.skip,
                                        clock=self.clock, host=self.host, state=self.state,
                                        deadline=self.t_train + budget_s if budget_s else None)
         stopped, self.skip = done < self.bpe, 0
         t_eval = time.perf_counter()
-        self.val = val = evaluate(self.evaluator, self.splits.val, self.eval_bs)
+        self.val = val = self.evaluate("val")
         self.clock.add("eval_s", t_eval)
         elapsed = time.perf_counter() - self.t_train
         record = epoch_record(epoch=epoch, step=self.shard.step, losses=losses, val=val, lr=lr,
@@ -219,11 +225,17 @@ class RankRun:
         # agreed: rank clocks disagree, and every rank must take the same save and report decision
         return record, stopped, bool(budget_s) and self.comm.any_true(elapsed > budget_s)
 
+    def evaluate(self, name: str) -> dict:
+        """Every prefix model on val or test: the whole split on every replica, or (a streamed feed)
+        each replica's share, the counts summed over replicas."""
+        return evaluate_feed(self.evaluator, self.feed, name, self.eval_bs, self.comm)
+
     def save(self, record: dict) -> str | None:
         """Every rank of replica 0 writes its pieces (the other replicas hold the same weights);
         returns the published checkpoint's path on rank 0, None elsewhere."""
         now = time.perf_counter()
         extra = {"train_seconds": self.prior + now - self.t_train,
+                 "attempt_train_seconds": self.spent + now - self.t_train,
                  "total_seconds": self.prior_total + now - self.t0}
         if "epoch_batches" in record:
             extra.update(epoch_batches=record["epoch_batches"], stopped_early=True)
@@ -246,12 +258,14 @@ class RankRun:
     def finish(self) -> dict:
         """Test every prefix, gather every rank's step-time split: the final record."""
         train_seconds = self.prior + time.perf_counter() - self.t_train
-        test = evaluate(self.evaluator, self.splits.test, self.eval_bs)
+        test = self.evaluate("test")
         if self.val is None:  # nothing left to train (resumed a finished run)
-            self.val = evaluate(self.evaluator, self.splits.val, self.eval_bs)
+            self.val = self.evaluate("val")
         phases = self.comm.share_objects(self.clock.phases(), mesh=True)  # every rank's, in rank order
         counts = self.comm.share_objects(self.shard.param_counts())
-        return {"kind": "final", "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+        return {"kind": "final", **{f"test_{k}": v for k, v in test.get("extra", {}).items()},
+                **{f"val_{k}": v for k, v in self.val.get("extra", {}).items()},
+                "test_accuracy": test["accuracy"], "test_loss": test["loss"],
                 "val_accuracy": self.val["accuracy"], "prefix_accuracy": test["prefix_accuracy"],
                 "train_seconds": round(train_seconds, 3), "epochs": self.ckpt_epoch,
                 "steps": self.shard.step, "stopped_early": self.stopped_early,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import sys
@@ -33,6 +34,7 @@ import pyarrow.fs as pafs
 import ray
 from tqdm import tqdm
 
+from layerpar.data import DataError
 from layerpar.train.metrics_log import add_metric
 from layerpar.train.shard_checkpoint import open_storage, resolve_storage, storage_uri
 
@@ -163,6 +165,8 @@ def _chaos_spec() -> dict | None:
     if raw:
         parts = dict(kv.split("=", 1) for kv in raw.split(","))
         spec.update(epoch=int(parts["epoch"]), rank=int(parts["rank"]), when=parts.get("when", "reported"))
+        if "batch" in parts:  # mid-epoch: as the rank is handed batch K of epoch E (spmd._ChaosFeed)
+            spec.update(when="batch", batch=int(parts["batch"]))
     if os.environ.get("LAYERPAR_CHAOS_SLOW_PUBLISH"):
         spec["slow_publish_s"] = float(os.environ["LAYERPAR_CHAOS_SLOW_PUBLISH"])
     return spec or None
@@ -217,18 +221,23 @@ def _forget_snapshot(fs, run_root: str) -> None:
 
 
 def fit(cfg, run_dir: Path, *, start_from: str | None, bpe: int, initial: int = 0,
-        progress: bool = True, callbacks: list | None = None) -> dict[str, Any]:
+        progress: bool = True, callbacks: list | None = None, stream: dict | None = None) -> dict[str, Any]:
     """Run the TorchTrainer to the end; returns the run's result fields (loop.run_training adds the
     rest). `start_from`: the start checkpoint (a path or URI), found and verified by the caller: the
     ranks start from it, and from this attempt's own newest checkpoint after a restart. Raises
-    TrainingError when Ray Train gives up."""
+    TrainingError when Ray Train gives up (DataError when a rank's data was bad: an unreadable file).
+    `stream` (data.streaming): the driver's check_stream; its catalog goes to the object store once
+    and only the branch groups' leaders fetch it. A local Ray then gets a CPU per replica more than
+    the ranks take, for the Ray Data decode tasks."""
     from ray.train import TrainingFailedError
 
     from layerpar.parallel.cluster import connect
 
     # The Ray dashboard's Train view lists a run only when its driver tracks the run's state.
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
-    owns_ray = connect(cfg)
+    p = cfg.parallel
+    owns_ray = connect(cfg, min_cpus=math.ceil(p.workers * p.replicas * p.cpus_per_worker)
+                       + p.replicas * max(1, cfg.data.read_parallelism) if stream else 0)
     storage = resolve_storage(cfg, run_dir)
     fs, root = open_storage(storage)
     say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else (lambda msg: None)
@@ -241,6 +250,9 @@ def fit(cfg, run_dir: Path, *, start_from: str | None, bpe: int, initial: int = 
     attempt = f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     config = {"cfg": cfg.to_dict(), "start": start_from, "progress": log, "root": f"{root}/{run_dir.name}",
               "attempt": attempt, "report_epochs": bool(callbacks), "chaos": _chaos_spec()}
+    if stream is not None:
+        config["stream"] = {"catalog": ray.put(stream["catalog"]), "stats": stream["stats"],
+                            "rows": stream["rows"]}
     ranks = cfg.parallel.workers * cfg.parallel.replicas
     mesh = f"{cfg.parallel.replicas} replicas x {cfg.parallel.workers} branch ranks" \
         if cfg.parallel.replicas > 1 else f"{cfg.parallel.workers} workers"
@@ -251,6 +263,8 @@ def fit(cfg, run_dir: Path, *, start_from: str | None, bpe: int, initial: int = 
         with ray_log(run_dir, say):
             result = _trainer(cfg, run_dir.name, storage, config, callbacks).fit()
     except TrainingFailedError as exc:
+        if _cause(exc).startswith(("DataError: ", "layerpar.data.base.DataError: ")):
+            raise DataError(_cause(exc).split(": ", 1)[1]) from exc
         raise TrainingError(f"distributed training failed (train.max_failures={cfg.train.max_failures}): "
                             f"{_cause(exc)}") from exc
     finally:
@@ -276,4 +290,5 @@ def fit(cfg, run_dir: Path, *, start_from: str | None, bpe: int, initial: int = 
         "storage": storage_uri(fs, f"{root}/{run_dir.name}"), "phases": m["phases"],
         "worker_pids": [watcher.pids.get(r, []) for r in range(ranks)],
         **({"chaos_kills": watcher.killed} if watcher.killed else {}),
+        **{k: v for k, v in m.items() if "bits_per_byte" in k},  # a language model's
     }

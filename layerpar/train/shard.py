@@ -149,14 +149,18 @@ class BranchShard:
             x0 = self.model.embed(self.on_device(x))
         return self.branch_rows(x0, self.model.branch_ids).cpu()
 
-    def train_step(self, x, y) -> dict:
+    def train_step(self, x, y, share: tuple[int, int] | None = None) -> dict:
         """One batch's optimizer steps; in a training mesh (R > 1 replicas) every rank is given the
-        whole batch and trains on its replica's share of the rows (torch.tensor_split's)."""
+        whole batch and trains on its replica's share of the rows (torch.tensor_split's). share:
+        (x, y) is already this replica's share -- (rows of the whole batch, its first row) -- as a
+        streamed feed (train/feed.py) reads it."""
         self.calls["train_step"] += 1
         self.model.train()
         comm = self.comms[self.layout.num_workers]
         rows, start = None, 0
-        if comm.replicas > 1:
+        if share is not None:
+            rows, start = share if comm.replicas > 1 else (None, 0)
+        elif comm.replicas > 1:
             rows = len(y)
             shares = torch.tensor_split(torch.arange(rows), comm.replicas)
             start = int(shares[comm.replica][0]) if len(shares[comm.replica]) else rows

@@ -9,7 +9,10 @@ dataset itself and draws the same seeded batches and augmentation as every other
 single-process loop (layerpar.train.loop), so nothing is broadcast: only the pooled (K_w, B, D) branch
 rows (one all_gather) and the replicated gradients with the squared branch norms (one sum over ranks:
 an all_gather on gloo, an all_reduce on NCCL) cross the process group per optimizer step
-(layerpar.parallel.comm). Each CPU rank runs on its own cores (parallel.pin_cpus). Every prefix model
+(layerpar.parallel.comm). With data.streaming no rank loads the dataset: each replica group's leader
+reads its share of every batch with Ray Data and broadcasts it to the group (train/feed.StreamingFeed,
+from the driver's check: the catalog in the object store, the split sizes, the normalisation
+constants). Each CPU rank runs on its own cores (parallel.pin_cpus). Every prefix model
 is evaluated inside the loop; checkpoints are written by every rank (shard_checkpoint.py) and reported with
 ray.train.report, and after a lost worker Ray Train restarts the group, which resumes exactly where
 the newest complete checkpoint of this attempt on storage left off (the driver's start checkpoint if
@@ -36,8 +39,9 @@ from layerpar.config import from_dict
 from layerpar.data import batches_per_epoch, load_dataset
 from layerpar.parallel.affinity import pin_rank
 from layerpar.train.checkpoint import step_dir_name
+from layerpar.train.feed import MemoryFeed, StreamingFeed
+from layerpar.train.lm_shard import shard_class
 from layerpar.train.rank_loop import RankRun, run_rank
-from layerpar.train.shard import BranchShard
 from layerpar.train.step import prefix_plan
 
 
@@ -128,10 +132,38 @@ def train_loop_per_worker(config: dict) -> None:
     fs, root = storage.storage_filesystem, config.get("root") or storage.experiment_fs_path
     set_up_rank(cfg)
     torch.manual_seed(cfg.train.seed)
-    splits = load_dataset(cfg)
-    bpe = batches_per_epoch(len(splits.train), cfg.train.batch_size)
-    shard, comm = BranchShard.attached(cfg, global_rank=rank,
+    stream = config.get("stream")  # data.streaming: what the driver's check found, not the data
+    splits = load_dataset(cfg) if stream is None else None
+    bpe = batches_per_epoch(stream["rows"]["train"] if stream else len(splits.train), cfg.train.batch_size)
+    shard, comm = shard_class(cfg).attached(cfg, global_rank=rank,
                                        total_steps=cfg.train.epochs * bpe * len(prefix_plan(cfg)))
-    run = RankRun(cfg, config, RayHost(config, rank, fs), shard=shard, comm=comm, splits=splits,
-                  fs=fs, root=root, rank=rank, t0=t0)
+    host, feed = RayHost(config, rank, fs), None
+    if stream is not None:  # only a branch group's leader (branch rank 0) reads: it needs the catalog
+        catalog = ray.get(stream["catalog"]) if comm.rank == 0 else None
+        feed = StreamingFeed(cfg, comm, rows=stream["rows"], catalog=catalog, stats=stream["stats"])
+    if (config.get("chaos") or {}).get("when") == "batch":
+        feed = _ChaosFeed(feed or MemoryFeed(cfg, splits), config, rank, host)
+    run = RankRun(cfg, config, host, shard=shard, comm=comm, splits=splits,
+                  fs=fs, root=root, rank=rank, t0=t0, feed=feed)
     run_rank(run)
+
+
+class _ChaosFeed:
+    """Tests only (LAYERPAR_CHAOS_KILL="epoch=E,rank=R,batch=K"): rank R SIGKILLs itself as it is
+    handed batch K of epoch E, mid-epoch, in a group that did not restore a checkpoint."""
+
+    def __init__(self, feed, config: dict, rank: int, host: RayHost) -> None:
+        self.feed, self.spec, self.rank, self.host = feed, config["chaos"], rank, host
+
+    def __getattr__(self, name):
+        return getattr(self.feed, name)
+
+    def train_batches(self, epoch: int, skip: int = 0):
+        for k, batch in enumerate(self.feed.train_batches(epoch, skip), start=skip):
+            if (epoch, k, self.rank) == (self.spec["epoch"], self.spec["batch"], self.spec["rank"]) \
+                    and not self.host.restored:
+                if self.host.progress is not None:
+                    ray.get(self.host.progress.push.remote({"kind": "killed", "rank": self.rank,
+                                                            "pid": os.getpid(), "epoch": epoch, "batch": k}))
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield batch

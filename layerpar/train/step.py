@@ -31,7 +31,7 @@ def _clip(params: list[nn.Parameter], norm: torch.Tensor, max_norm: float) -> No
 def prefix_plan(cfg) -> list[int]:
     """The prefix size k of each optimizer step taken on one batch."""
     n = cfg.model.num_branches
-    if cfg.train.mode == "progressive" and cfg.model.kind == "paraformer":
+    if cfg.train.mode == "progressive" and cfg.model.kind in ("paraformer", "paraformer_lm"):
         # prefixes made only of frozen branches have nothing to train
         return list(range(cfg.train.frozen_branches + 1, n + 1)) + [n]
     return [n]

@@ -13,10 +13,14 @@ from cluster_helpers import RAY, free_ports, ray_env, ray_temp_dir, run, tail
 from layerpar.cluster_utils import stop_ray_processes
 
 
+def _private_root() -> Path:
+    # Short and under /tmp: Ray's unix sockets live below it and their paths must stay < 108 bytes.
+    return Path(tempfile.mkdtemp(prefix="lpc-", dir="/tmp"))
+
+
 @pytest.fixture
 def cluster_root():
-    # Short and under /tmp: Ray's unix sockets live below it and their paths must stay < 108 bytes.
-    root = Path(tempfile.mkdtemp(prefix="lpc-", dir="/tmp"))
+    root = _private_root()
     try:
         yield root
     finally:
@@ -41,13 +45,26 @@ def start_head(root: Path, *, num_cpus: int, dashboard: bool) -> dict:
             "temp_dir": ray_temp_dir(root), "root": root, "client_port": client}
 
 
-@pytest.fixture
-def ray_head(cluster_root):
+def _head(root: Path):
     """A one-node cluster from `ray start --head` with the dashboard (job API) on a free port."""
-    head = None
     try:
-        head = start_head(cluster_root, num_cpus=3, dashboard=True)
-        yield head
+        yield start_head(root, num_cpus=3, dashboard=True)
     finally:
         # by pid: the processes whose command line names this head's temp dir, and their children
-        stop_ray_processes(ray_temp_dir(cluster_root), grace_s=2)
+        stop_ray_processes(ray_temp_dir(root), grace_s=2)
+
+
+@pytest.fixture
+def ray_head(cluster_root):
+    yield from _head(cluster_root)
+
+
+@pytest.fixture(scope="module")
+def module_ray_head():
+    """The same head, shared by a module's tests (each must leave it as it found it: no jobs or
+    actors left behind, nothing that tests after it would count)."""
+    root = _private_root()
+    try:
+        yield from _head(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,7 +1,8 @@
 """`launch/scale.py --preset train --address ...` joins the cluster it is pointed at (a `ray start --head`
 on 127.0.0.1, stopped by pid): the run's figures name that cluster's GCS address, no local Ray is
 started; an address nobody listens on is one error line and exit 2; asking for GPUs where the cluster
-has none is one error line and exit 2 before any Ray Train group waits for them.
+has none is one error line and exit 2 before any Ray Train group waits for them. The two cases that
+need a cluster share one head (module_ray_head): one `ray start` instead of a head and a local Ray.
 
     .venv/bin/python -m pytest -q tests/cluster/test_train_sweep_address.py
 """
@@ -22,7 +23,25 @@ def scale_cmd(*args: str) -> list[str]:
     return [sys.executable, str(REPO / "launch" / "scale.py"), "--preset", "train-tiny", *args]
 
 
-def test_train_sweep_joins_the_given_cluster(ray_head):
+def test_gpus_asked_where_there_are_none(module_ray_head, tmp_path):
+    # a GPU-less cluster (the head, on this machine): the sweep must refuse, not wait for GPUs forever
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    head = module_ray_head
+    proc = run(scale_cmd("--address", head["gcs"], "--set", "parallel.gpus_per_worker=1",
+                         "--out-dir", str(tmp_path / "runs")), env=head["env"], timeout_s=240)
+    assert proc.returncode == 2, tail(proc.stdout)
+    error = last_json(proc.stdout)["error"]
+    assert error.startswith("parallel.gpus_per_worker=1 needs 2 GPUs for D = 2 ranks but the Ray "
+                            f"cluster at {head['gcs']} has 0"), error
+    assert "Traceback" not in proc.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_train_sweep_joins_the_given_cluster(module_ray_head):
+    ray_head = module_ray_head
     out_dir = ray_head["root"] / "runs"
     proc = run(scale_cmd("--address", ray_head["gcs"], "--out-dir", str(out_dir)), env=ray_head["env"],
                timeout_s=480)
@@ -48,17 +67,3 @@ def test_unreachable_address_is_one_error_line(cluster_root):
     assert "Traceback" not in proc.stdout
     assert not (cluster_root / "runs").exists()
 
-
-def test_gpus_asked_where_there_are_none(cluster_root):
-    # a local Ray on this (GPU-less) machine: the sweep must refuse, not wait for GPUs forever
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    proc = run(scale_cmd("--set", "parallel.gpus_per_worker=1", "--out-dir", str(cluster_root / "runs")),
-               env=ray_env(cluster_root), timeout_s=240)
-    assert proc.returncode == 2, tail(proc.stdout)
-    error = last_json(proc.stdout)["error"]
-    assert error.startswith("parallel.gpus_per_worker=1 needs 2 GPUs for D = 2 ranks but the Ray "
-                            "cluster"), error
-    assert "has 0" in error and "Traceback" not in proc.stdout

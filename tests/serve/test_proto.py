@@ -34,4 +34,5 @@ def test_service_is_in_package_layerpar_v1():
     from layerpar.serve import layerpar_v1_pb2 as pb
 
     assert pb.DESCRIPTOR.package == "layerpar.v1"
-    assert set(pb.DESCRIPTOR.services_by_name["Inference"].methods_by_name) == {"Predict", "ModelInfo"}
+    methods = set(pb.DESCRIPTOR.services_by_name["Inference"].methods_by_name)
+    assert methods == {"Predict", "ModelInfo", "Generate"}

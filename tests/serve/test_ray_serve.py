@@ -191,7 +191,10 @@ def test_autoscaling_one_to_two_and_back(proxy, checkpoint):
     app = build_app({"checkpoint": str(path), "set": [
         "parallel.workers=1", *SLOW, "serve.ray_min_replicas=1", "serve.ray_max_replicas=2",
         "serve.ray_target_ongoing_requests=1"],
-        "autoscaling": {"upscale_delay_s": 1, "downscale_delay_s": 3}})
+        # Serve's defaults push metrics every 10 s and average them over 30 s: tens of seconds of
+        # waiting each way. Pushed every 0.5 s over 2 s, the load (and its end) is seen in seconds.
+        "autoscaling": {"upscale_delay_s": 1, "downscale_delay_s": 3, "metrics_interval_s": 0.5,
+                        "look_back_period_s": 2}})
     serve.run(app, name="scaling", route_prefix="/", blocking=False, logging_config=QUIET)
     try:
         poll(lambda: replicas("scaling") == 1, "one replica runs", DEPLOY_S)

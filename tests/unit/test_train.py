@@ -229,3 +229,41 @@ def test_one_place_decides_saving_and_the_time_budget():
     for field in ("checkpoint_every", "max_minutes * 60"):
         readers = sorted(p.name for p in train.glob("*.py") if field in p.read_text())
         assert readers == ["rank_loop.py"], (field, readers)
+
+
+class _QuietHost:  # the loop's events, dropped (a world of one with no bar or metrics file)
+    def started(self, event): pass
+    def step(self, event): pass
+    def epoch(self, record, path, saved): pass
+    def final(self, record): pass
+
+
+def _rank_run(cfg, run_dir: Path, attempt: str):
+    """The world-of-one rank run of loop._one_process, with the attempt stamp chosen here."""
+    import pyarrow.fs as pafs
+
+    from layerpar.data import load_dataset
+    from layerpar.train.rank_loop import RankRun
+    from layerpar.train.shard import BranchShard, TimedComm
+
+    shard = BranchShard(cfg, worker_rank=0, total_steps=100)
+    return RankRun(cfg, {"start": None, "attempt": attempt}, _QuietHost(), shard=shard,
+                   comm=TimedComm(shard.comms[1]), splits=load_dataset(cfg),
+                   fs=pafs.LocalFileSystem(), root=str(run_dir.resolve()))
+
+
+def test_a_restart_of_the_same_attempt_keeps_the_time_budget_it_spent(tmp_path, tiny_cfg):
+    """train.max_minutes bounds one invocation: a group that Ray Train restarts from a checkpoint of
+    its own attempt has spent part of the budget already (it used to get the whole budget again)."""
+    from layerpar.train.rank_loop import run_rank
+
+    cfg = tiny_cfg.replace(train={"epochs": 1})
+    first = run_rank(_rank_run(cfg, tmp_path / "run", "attempt-a"))
+    spent = load_checkpoint(first["checkpoint"]).manifest["extra"]["attempt_train_seconds"]
+    assert spent > 0
+    budget = cfg.replace(train={"epochs": 3, "max_minutes": spent / 60.0 / 2})  # half of what it spent
+    restarted = _rank_run(budget, tmp_path / "run", "attempt-a")  # restart_point: the attempt's own
+    assert restarted.spent == spent
+    final = run_rank(restarted)
+    assert final["stopped_early"] and final["steps"] == first["steps"] + 1  # stopped after one batch
+    assert _rank_run(budget, tmp_path / "run", "attempt-b").spent == 0.0  # a new invocation: a new budget
