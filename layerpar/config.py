@@ -112,7 +112,8 @@ class DataConfig:
     """data.name=text: validate and test on this many windows of model.context tokens, evenly spaced
     over each split (0 = every window); a fixed sample keeps per-epoch validation cheap."""
     limit_train: int = 0
-    """Use only the first n training samples (0 = all); for quick runs."""
+    """Use only a seeded random n of the training samples, every class in proportion (0 = all);
+    for quick runs."""
     augment: str = "none"
     """Training batches only: `none`, `flip` (mirror left-right, p = 1/2), `flip_crop` (flip, then
     shift by up to 2 pixels each way)."""

@@ -28,6 +28,7 @@ def start_local_ray() -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")  # not Ray's 30 s on a busy machine
     os.environ.setdefault("RAY_worker_niceness", "0")  # workers do the work; not behind the driver
     lock = os.path.join(tempfile.gettempdir(), f"layerpar-test-ray-start-{os.getuid()}.lock")
     with open(lock, "w") as held:

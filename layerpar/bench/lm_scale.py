@@ -46,7 +46,6 @@ from layerpar.bench.report import environment
 from layerpar.config import ConfigError, load_config
 from layerpar.model.lm import LMConfig, ParaFormerLM, SerialLM, generate
 from layerpar.runtime.decoder import LocalDecoder
-from layerpar.runtime.lm_decode import DistributedDecoder, PipelinedDecoder
 
 SYSTEMS = ("paraformer-workers", "paraformer-1proc", "serial-1proc", "serial-pipeline")
 TARGET = 1.15  # issue 27: per-token latency of N = 2 on W = 2 over N = 1 on W = 1, batch 1
@@ -135,6 +134,8 @@ class Study:
     def make(self, system: str, n: int, w: int):
         """(decoder, one-process reference model). With parallel.gpus_per_worker > 0 the one-process
         systems run on the driver's GPU (if it has one), the workers on one GPU each."""
+        from layerpar.runtime.lm_decode import DistributedDecoder, PipelinedDecoder  # Ray: only here
+
         if system.startswith("paraformer"):
             model = ParaFormerLM(lm_cfg(self.s, n), seed=self.s.seed).eval()
             slots = max(self.s.batches)

@@ -20,6 +20,7 @@ from layerpar.data.base import (
     Splits,
     batches,
     batches_per_epoch,
+    limit_rows,
     stratified_split,
     to_split,
 )
@@ -62,8 +63,7 @@ def load_dataset(cfg) -> Splits:
                         f"{m.num_classes}; set model.num_classes={len(raw.classes)}")
     size = m.image_size if m.image_size != side else None  # resized lazily, per batch
     train, val = stratified_split(raw.y_train, d.val_fraction, d.seed, salt=2)
-    if d.limit_train > 0:
-        train = train[: d.limit_train]
+    train = limit_rows(train, d.limit_train, d.seed)
 
     def split(x, y, rows=None) -> Split:
         # index the raw (uint8) arrays first: only the rows kept are ever converted to float32

@@ -117,6 +117,15 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int, salt: int = 0
     return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
 
 
+def limit_rows(rows: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """data.limit_train: a seeded random n of `rows`, kept in order (n <= 0 or n >= len: all of them).
+    Every class keeps its share whatever order the source lists samples in (an image folder lists
+    them class by class: its first n would be a few classes only)."""
+    if n <= 0 or n >= len(rows):
+        return rows
+    return np.sort(np.random.default_rng([seed, 3]).choice(rows, n, replace=False))
+
+
 def to_split(x: np.ndarray, y: np.ndarray, *, scale: float, mean: tuple[float, ...],
              std: tuple[float, ...], size: int | None) -> Split:
     """uint8 (or float) images (N, C, H, W) -> normalised float32 Split: (x * scale - mean) / std."""

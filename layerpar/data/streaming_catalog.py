@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from layerpar.data.base import DataError, stratified_split
+from layerpar.data.base import DataError, limit_rows, stratified_split
 from layerpar.data.folder import SUFFIXES, TEST_FRACTION
 
 IMAGE_COLUMN, LABEL_COLUMN = "image", "label"
@@ -228,8 +228,7 @@ def check_dataset(cfg, replicas: int = 1) -> Catalog:
         base_rows, test = stratified_split(labels, TEST_FRACTION, d.seed, salt=1)
     train, val = stratified_split(labels[base_rows], d.val_fraction, d.seed, salt=2)
     train, val = base_rows[train], base_rows[val]
-    if d.limit_train > 0:
-        train = train[: d.limit_train]
+    train = limit_rows(train, d.limit_train, d.seed)
     if len(train) < batch:
         raise _fail(f"{base}: the train split has {len(train)} images, fewer than one batch "
                     f"(train.batch_size={batch}) for the {replicas} replica(s) to share; add images or "

@@ -9,10 +9,15 @@ all nodes are up, then keeps them up until its stdin closes.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 
-from ray.cluster_utils import Cluster
+# a node gets 30 s to register with its GCS by default: three raylets starting beside the suite's other
+# pytest-xdist workers on 2 cores missed it once ("GCS cannot find the node ... before the timeout")
+os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
+
+from ray.cluster_utils import Cluster  # noqa: E402
 
 
 def free_port() -> int:

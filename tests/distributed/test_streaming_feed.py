@@ -1,7 +1,7 @@
 """Dist tier: the streamed feed's two verbs on gloo processes, no Ray -- broadcast_batch (the branch
 group's leader sends its batch once; shapes first, so any dtype, size, and a replica's empty share)
 and sum_over_replicas (the replicas' evaluation counts, the same bits on every rank, in replica
-order). The Ray Data side is in tests/ray/test_streaming_feed.py, the whole loop in
+order). The Ray Data side is in tests/ray/test_streaming_feed_ray.py, the whole loop in
 tests/raytrain/test_raytrain_streaming.py."""
 
 import pytest

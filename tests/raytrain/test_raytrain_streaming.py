@@ -14,7 +14,7 @@ import torch
 from layerpar.train.loop import run_training
 from tests.imagefolder import make_tree
 from tests.parity import assert_weights_match, loss_atol
-from tests.ray.test_streaming_feed import folder_cfg
+from tests.ray.test_streaming_feed_ray import folder_cfg
 from tests.raytrain.conftest import final_weights
 
 pytestmark = pytest.mark.ray

@@ -333,3 +333,16 @@ def test_image_folder_missing_or_empty_is_one_clear_error(tmp_path, setup, words
     setup(root)
     with pytest.raises(DataError, match=words):
         load_dataset(folder_cfg(root))
+
+
+def test_limit_train_keeps_every_class_of_a_class_ordered_source():
+    """An image folder lists its samples class by class: data.limit_train is a seeded sample, not the
+    first n (which trained a 10x Fashion-MNIST folder on its first classes only: test accuracy 0.10)."""
+    from layerpar.data.base import limit_rows
+
+    labels = np.repeat(np.arange(10), 100)  # class-ordered, as a folder's listing
+    rows = limit_rows(np.arange(1000), 100, seed=0)
+    assert len(rows) == 100 and np.all(np.diff(rows) > 0)
+    assert set(labels[rows]) == set(range(10))
+    assert np.array_equal(rows, limit_rows(np.arange(1000), 100, seed=0))  # seeded
+    assert np.array_equal(limit_rows(np.arange(5), 0, seed=0), np.arange(5))
