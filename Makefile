@@ -8,8 +8,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch (a CUDA build is several GB); see README "GPU".
 TORCH_SPEC ?= torch==2.13.0
-# Test files run on this many pytest-xdist workers, each with its own local Ray (2: this machine's cores).
-TEST_JOBS ?= 3
+# Test files run on this many pytest-xdist workers, each with its own local Ray (2: this machine's cores;
+# 3 was no faster here and started a 3-node test cluster too slowly: docs/TESTING.md).
+TEST_JOBS ?= 2
 # Ray binds to loopback only, in every process; CLI clients send the auth token.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_AUTH_MODE := token

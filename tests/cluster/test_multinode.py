@@ -26,7 +26,7 @@ from cluster_helpers import REPO, kill_session, last_json, ray_env, ray_temp_dir
 from layerpar.cluster_utils import stop_ray_processes
 from layerpar.train.checkpoint import load_checkpoint, model_state
 
-pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(420)]
 
 # The tiny synthetic config (4 branches, 4 classes): 16 steps, seconds of compute, and a model well
 # above chance (~0.6 test accuracy), so "the same result" is a statement about a trained model. In
@@ -54,7 +54,7 @@ def three_nodes():
         env=env, cwd=root, text=True, start_new_session=True,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        line = _read_first_line(proc, timeout_s=120)
+        line = _read_first_line(proc, timeout_s=240)  # three raylets beside the suite on 2 cores
         if not line.startswith("{"):
             proc.kill()
             raise AssertionError(f"the 3-node cluster did not come up:\n{line}{proc.stdout.read()}")
