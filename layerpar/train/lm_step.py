@@ -27,7 +27,7 @@ from layerpar.model.lm import ParaFormerLM
 from layerpar.parallel.comm import sq_norm
 from layerpar.train.optim import lr_at, set_lr
 from layerpar.train.precision import autocast, wide
-from layerpar.train.step import _clip, prefix_plan
+from layerpar.train.step import apply_step, prefix_plan, step_result
 
 
 def lm_train_step(model, opt: torch.optim.Optimizer, comm, x: torch.Tensor, y: torch.Tensor, *, cfg,
@@ -73,21 +73,7 @@ def lm_train_step(model, opt: torch.optim.Optimizer, comm, x: torch.Tensor, y: t
         replicated = [p for p in model.parameters() if p.grad is not None and id(p) not in mine]
         rep_sq = sq_norm([p.grad for p in replicated])
         gnorm = (owned_sq + rep_sq.to(owned_sq.device)).sqrt()
-        grads = owned + replicated
-        if scaler is not None:  # float16: unscale; the norm is global, so every rank decides alike
-            inv = 1.0 / scaler.scale
-            torch._foreach_mul_([p.grad for p in grads], inv)
-            gnorm = gnorm * inv
-            if not scaler.update(bool(torch.isfinite(gnorm))):
-                losses.append(loss_value)
-                step += 1
-                continue
-        if tcfg.grad_clip > 0:
-            _clip(grads, gnorm, tcfg.grad_clip)
-        opt.step()
+        gnorm = apply_step(opt, owned + replicated, gnorm, tcfg, scaler)
         step += 1
         losses.append(loss_value)
-    out = {"loss": losses[-1], "lr": lr, "grad_norm": float(gnorm), "step": step}
-    if len(losses) > 1:
-        out["prefix_losses"] = losses[:-1]
-    return out
+    return step_result(losses, lr, gnorm, step)

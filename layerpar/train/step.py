@@ -90,21 +90,34 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, comm, x: torch.Tens
         owned_sq, loss_value = comm.sum_grads(owned, head, embed, loss.detach())
         rep_sq = sq_norm([p.grad for p in replicated if p.grad is not None])
         norm = (owned_sq + rep_sq.to(owned_sq.device)).sqrt()
-        grads = owned + [p for p in replicated if p.grad is not None]
-        if scaler is not None:  # float16: unscale; the norm is global, so every rank decides alike
-            inv = 1.0 / scaler.scale
-            if grads:
-                torch._foreach_mul_([p.grad for p in grads], inv)
-            norm = norm * inv
-            if not scaler.update(bool(torch.isfinite(norm))):
-                losses.append(loss_value)
-                step += 1  # the schedule moves on; the weights do not (torch.amp's skipped step)
-                continue
-        if tcfg.grad_clip > 0:
-            _clip(grads, norm, tcfg.grad_clip)
-        opt.step()
+        norm = apply_step(opt, owned + [p for p in replicated if p.grad is not None], norm, tcfg, scaler)
         step += 1
         losses.append(loss_value)
+    return step_result(losses, lr, norm, step)
+
+
+def apply_step(opt: torch.optim.Optimizer, grads: list[nn.Parameter], norm: torch.Tensor, tcfg,
+               scaler=None) -> torch.Tensor:
+    """The optimizer step of gradients already summed across ranks, whose global norm is `norm`:
+    float16 (`scaler`): unscale, and skip the step where they overflowed (the schedule moves on, the
+    weights do not: torch.amp's skipped step; the norm is global, so every rank decides alike); clip
+    to train.grad_clip; step. Returns the (unscaled) norm."""
+    if scaler is not None:
+        inv = 1.0 / scaler.scale
+        if grads:
+            torch._foreach_mul_([p.grad for p in grads], inv)
+        norm = norm * inv
+        if not scaler.update(bool(torch.isfinite(norm))):
+            return norm
+    if tcfg.grad_clip > 0:
+        _clip(grads, norm, tcfg.grad_clip)
+    opt.step()
+    return norm
+
+
+def step_result(losses: list[float], lr: float, norm: torch.Tensor, step: int) -> dict:
+    """A batch's record: the last (joint) loss, the learning rate, the norm, the step count, and the
+    progressive prefixes' losses before it."""
     out = {"loss": losses[-1], "lr": lr, "grad_norm": float(norm), "step": step}
     if len(losses) > 1:
         out["prefix_losses"] = losses[:-1]
