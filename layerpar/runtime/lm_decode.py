@@ -14,7 +14,7 @@ reduction brings the summed (B, D) to where the final norm and the head are appl
 - `reduce: driver` (the default on CPU): each worker's reply carries its branch sum (B, D), which
   the driver adds in rank order and turns into logits. The reply is needed anyway (it is how the
   driver learns the step is done), so the reduction costs no extra message: a gloo collective
-  costs ~0.5-1 ms here against a socket round trip of tens of microseconds.
+  costs ~0.5-1 ms here (estimated, not benchmarked) against a socket round trip of tens of microseconds.
 - `reduce: group` (the default with parallel.gpus_per_worker > 0 and W > 1): the workers form a
   torch.distributed group (NCCL on GPUs, gloo on CPU) and reduce the (B, D) sums onto worker 0,
   which applies norm + head on its GPU and returns (B, V) logits; the others reply only "done".
