@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from cluster_helpers import RAY, free_ports, ray_env, ray_temp_dir, run, tail
+from cluster_helpers import ray_temp_dir, start_head
 
 from layerpar.cluster_utils import stop_ray_processes
 
@@ -25,24 +25,6 @@ def cluster_root():
         yield root
     finally:
         shutil.rmtree(root, ignore_errors=True)
-
-
-def start_head(root: Path, *, num_cpus: int, dashboard: bool) -> dict:
-    """`ray start --head` on 127.0.0.1 with every port chosen free; returns addresses and env."""
-    env = ray_env(root)
-    gcs, dash, client, agent, agent_grpc, rt_agent, metrics, node_mgr, obj_mgr = free_ports(9)
-    cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-           f"--num-cpus={num_cpus}", f"--temp-dir={ray_temp_dir(root)}",
-           f"--include-dashboard={str(dashboard).lower()}", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-           f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-           f"--runtime-env-agent-port={rt_agent}", f"--metrics-export-port={metrics}",
-           f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
-           "--disable-usage-stats"]
-    out = run(cmd, env=env, timeout_s=90)
-    assert out.returncode == 0, f"ray start --head failed:\n{tail(out.stdout)}"
-    return {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env,
-            "temp_dir": ray_temp_dir(root), "root": root, "client_port": client}
 
 
 def _head(root: Path):

@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cluster_helpers import last_json, ray_env, ray_temp_dir, run, tail, train_cmd
-from conftest import start_head
+from cluster_helpers import ray_env, run, start_head, tail, train_cmd
 
 from layerpar.cluster_utils import (
     CLIENT_SERVER,
@@ -65,6 +64,8 @@ def _wait_for(predicate, timeout_s: float = 30.0):
 
 
 def test_address_precedence(home, monkeypatch):
+    """The choice of address; that a run then trains on its own local Ray beside a leftover bootstrap
+    file is proven end to end after a real `ray down` (tests/cluster/test_ray_submit.py)."""
     assert choose_address(None) == (None, None)  # nothing named, no bootstrap: start a local Ray
     (home / "ray_bootstrap_config.yaml").write_text("{}\n")  # left by `ray up` + `ray down`
     address, note = choose_address(None)
@@ -99,30 +100,6 @@ def test_the_running_head_of_this_bootstrap_is_joined_and_no_other(home, tmp_pat
         for proc in (ours, other):
             proc.kill()
             proc.wait(timeout=30)
-
-
-def test_a_stale_bootstrap_file_does_not_capture_a_local_run(cluster_root):
-    """`ray up` + `ray down` leave ~/ray_bootstrap_config.yaml; a later plain run with Ray workers
-    must start its own local Ray and train (the old code used address=auto: exit 1, or another
-    Ray instance on the machine)."""
-    home = cluster_root / "home"
-    home.mkdir()
-    (home / "ray_bootstrap_config.yaml").write_text("cluster_name: layerpar-local\n")
-    env = ray_env(cluster_root, HOME=str(home))
-    proc = subprocess.Popen(
-        train_cmd("--config", "tiny", "--set", "parallel.workers=2", "--out-dir", str(cluster_root / "runs")),
-        env=env, cwd=cluster_root, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=240)
-    finally:
-        proc.kill()
-        stop_ray_processes(ray_temp_dir(cluster_root), grace_s=2)
-    assert proc.returncode == 0, f"the local run failed:\n{tail(err)}"
-    summary = last_json(out)
-    assert summary["workers"] == 2 and summary["steps"] > 0
-    notes = [line for line in err.splitlines() if "ray_bootstrap_config.yaml" in line]
-    assert len(notes) == 1 and "starting a local Ray instance" in notes[0], tail(err)
 
 
 def test_an_unreachable_address_is_one_sentence_and_exit_2(cluster_root):

@@ -121,7 +121,7 @@ def test_gradients_equal_single_process_and_naive_allreduce_is_w_times(tmp_path,
 # float64 (the algebra) at both group sizes and in both modes; float32 (the tolerance) on the larger
 # group in progressive mode (the most optimizer steps).
 @pytest.mark.parametrize(("world", "mode", "dtype"), [
-    (2, "joint", "float64"), (2, "progressive", "float64"), (3, "joint", "float64"),
+    (2, "joint", "float64"), (3, "joint", "float64"),  # W = 2 progressive: test_mesh.py's 2 x 2 meshes
     (3, "progressive", "float64"), (3, "progressive", "float32")])
 def test_torchrun_style_training_equals_single_process(tmp_path, world, mode, dtype):
     _spawn(_train_worker, world, mode, dtype, str(tmp_path))

@@ -13,7 +13,7 @@ import torch
 from layerpar.config import ConfigError, load_config
 from layerpar.model import ParaFormer
 from layerpar.runtime import Engine, PlacementError
-from tests.parity import DTYPES, logits_atol
+from tests.parity import logits_atol
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("one_thread")]
 N = 6
@@ -30,9 +30,13 @@ def batch(n=12, seed=0):
     return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("transport", ["collective", "object_store"])
-@pytest.mark.parametrize("workers", [1, 2, 3])
+# every pair of (workers, transport, dtype) values, in 6 engines instead of the 12 of the full product
+# (an engine start is most of a case's cost; a defect of one value pair shows in the row holding it)
+@pytest.mark.parametrize("workers,transport,dtype", [
+    (1, "collective", "float64"), (1, "object_store", "float32"),
+    (2, "collective", "float32"), (2, "object_store", "float64"),
+    (3, "collective", "float64"), (3, "object_store", "float32"),
+])
 def test_infer_matches_single_process(local_ray, workers, transport, dtype):
     cfg = make_cfg(workers, f"parallel.transport={transport}", dtype=dtype)
     reference = ParaFormer(cfg.model, seed=cfg.train.seed).eval()
