@@ -160,12 +160,12 @@ def _stale_bootstrap_run_trains_locally(root: Path, home: Path) -> None:
     local.mkdir()
     env = ray_env(local, HOME=str(home))
     out = run([str(VENV_BIN / "python"), str(REPO / "launch" / "train.py"), "--config", "tiny",
-               "--set", "parallel.workers=2", "--set", "train.epochs=1", "--out-dir", str(local / "runs")],
+               "--set", "parallel.workers=1", "--set", "train.epochs=1", "--out-dir", str(local / "runs")],
               env=env, timeout_s=180)
     stop_ray_processes(ray_temp_dir(local), grace_s=2)
     assert out.returncode == 0, f"the local run after `ray down` failed:\n{tail(out.stdout)}"
     summary = last_json(out.stdout)
-    assert summary["workers"] == 2 and summary["steps"] > 0
+    assert summary["workers"] == 1 and summary["steps"] > 0  # on Ray Train (workers >= 1), locally
     notes = [line for line in out.stdout.splitlines() if "ray_bootstrap_config.yaml" in line]
     assert len(notes) == 1 and "starting a local Ray instance" in notes[0], tail(out.stdout)
 

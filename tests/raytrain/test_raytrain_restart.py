@@ -1,7 +1,9 @@
 """Ray Train tier: a 3-epoch run of 2 ranks reports what the single process does (per-epoch losses and
 accuracies, the final test accuracy), writes the run's files, and its checkpoint loads in one process;
-SIGKILL of one rank after the epoch-1 checkpoint makes Ray Train restart the group from that checkpoint,
-and the final weights are bit-identical to the uninterrupted run's."""
+SIGKILL of one rank of a mesh after the epoch-1 checkpoint makes Ray Train restart the group from that
+checkpoint, and the final weights are bit-identical to the uninterrupted run's; a loss beyond
+train.max_failures is one line. (A W = 2 group's restart, from a checkpoint written but not yet
+registered, is test_raytrain_resume.py's; an outside SIGKILL by the chaos drill, test_chaos_train.py's.)"""
 
 from __future__ import annotations
 
@@ -66,21 +68,6 @@ def test_checkpoint_of_two_ranks_loads_in_one_process(clean):
     from layerpar.data import load_dataset
 
     assert backend.evaluate(load_dataset(backend.cfg).test)["accuracy"] == clean["test_accuracy"]
-
-
-def test_killed_rank_restarts_the_group_from_its_checkpoint_bit_identical(clean, tmp_path, monkeypatch):
-    monkeypatch.setenv("LAYERPAR_CHAOS_KILL", "epoch=1,rank=1")  # rank 1 SIGKILLs itself after epoch 1
-    result = run_training(tiny(*SETS, "train.max_failures=1"), tmp_path / "chaos", progress=False)
-    (kill,) = result["chaos_kills"]
-    assert result["failures"] == 1 and result["restarts"][0]["epoch"] == 1
-    assert result["restarts"][0]["checkpoint"].endswith("checkpoints/step_0000011")
-    assert kill["pid"] == result["worker_pids"][1][0] != result["worker_pids"][1][1]  # a new process
-    assert result["steps"] == clean["steps"] and result["epochs"] == EPOCHS
-    want, got = final_weights(clean), final_weights(result)
-    assert got.keys() == want.keys()
-    for name, value in want.items():
-        assert torch.equal(got[name], value), name
-    assert result["total_seconds"] >= result["train_seconds"]
 
 
 def test_more_failures_than_allowed_fail_with_one_line(local_ray, tmp_path, monkeypatch):
