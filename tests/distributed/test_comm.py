@@ -7,7 +7,6 @@ float64 to 1e-10 (the algebra), in float32 within tests/parity.py's step-size to
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from layerpar.config import load_config
 from layerpar.model import ParaFormer
@@ -16,6 +15,7 @@ from layerpar.parallel.comm import LocalComm, sq_norm
 from layerpar.train.optim import make_optimizer
 from layerpar.train.shard import BranchShard
 from layerpar.train.step import train_step
+from tests.distributed.ranks import start_ranks
 from tests.parity import assert_weights_match, loss_atol
 
 pytestmark = pytest.mark.dist
@@ -90,8 +90,7 @@ def _train_worker(rank: int, world: int, port: int, mode: str, dtype: str, out: 
 
 
 def _spawn(fn, world: int, *args) -> None:
-    mp.start_processes(fn, args=(world, process_group.free_port(), *args), nprocs=world,
-                       join=True, start_method="spawn")
+    start_ranks(fn, world, *args)  # forked from a server that imported torch once (ranks.py)
 
 
 # float64 (the algebra) at both group sizes; float32 (the tolerance) at the larger one.

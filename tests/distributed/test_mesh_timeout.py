@@ -3,7 +3,6 @@ step; the other three ranks' next step raises CollectiveError within parallel.ti
 not after torch's default group timeout (30 min on gloo): the mesh's branch and replica sub-groups are
 made with the configured timeout, like the default group."""
 
-import multiprocessing as mp
 import os
 import signal
 import time
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from layerpar.parallel import process_group
+from tests.distributed.ranks import context
 from tests.distributed.test_comm import batch, make_cfg
 
 pytestmark = pytest.mark.dist
@@ -48,7 +48,7 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 
 def test_stopped_rank_in_mesh_raises_within_timeout(tmp_path):
-    ctx = mp.get_context("spawn")
+    ctx = context()  # forkserver: the ranks fork from a server that imported torch once
     port = process_group.free_port()
     procs = [ctx.Process(target=_rank, args=(rank, port, str(tmp_path))) for rank in range(4)]
     for p in procs:

@@ -15,10 +15,10 @@ i.e. ~100% of the sum. The losses of each step agree to BF16_LOSS_RTOL (bfloat16
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from layerpar.parallel import process_group
 from layerpar.train.shard import BranchShard
+from tests.distributed.ranks import start_ranks
 from tests.distributed.test_comm import batch, make_cfg
 from tests.parity import lr_sum
 
@@ -45,8 +45,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 def test_bf16_on_two_ranks_equals_one_process_bf16(tmp_path):
     world = 2
-    mp.start_processes(_worker, args=(world, process_group.free_port(), str(tmp_path)), nprocs=world,
-                       join=True, start_method="spawn")
+    start_ranks(_worker, world, str(tmp_path))
     torch.set_num_threads(1)
     cfg = bf16_cfg(0)
     one = BranchShard(cfg, worker_rank=0, total_steps=TOTAL)  # the world of one: every branch, LocalComm
