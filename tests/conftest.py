@@ -24,8 +24,8 @@ os.environ.setdefault("RAY_worker_niceness", "0")
 # The suite is CPU-bound on 2 cores (docs/TESTING.md, "Where the time goes"): a Ray Train run costs
 # ~25 s of CPU however small its model, mostly processes Ray starts for it. Three of them, and two log
 # writers, serve what no test reads: the preemption watcher (an actor polling node drain state), Ray
-# Train's Prometheus metrics, its state actor (the dashboard's Train view; the chaos drill reads it, and
-# its test turns it back on) and its structured JSON logs. Off, a run takes ~3.5 s less CPU.
+# Train's Prometheus metrics, its state actor (the dashboard's Train view; the two tests that read it
+# ask for the `state_tracking` fixture) and its structured JSON logs. Off, a run takes ~3.5 s less CPU.
 for _flag in ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_METRICS_ENABLED",
               "RAY_TRAIN_ENABLE_STATE_TRACKING", "RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING",
               "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING"):

@@ -89,14 +89,10 @@ def _train_worker(rank: int, world: int, port: int, mode: str, dtype: str, out: 
     process_group.destroy()
 
 
-def _spawn(fn, world: int, *args) -> None:
-    start_ranks(fn, world, *args)  # forked from a server that imported torch once (ranks.py)
-
-
 # float64 (the algebra) at both group sizes; float32 (the tolerance) at the larger one.
 @pytest.mark.parametrize(("world", "dtype"), [(2, "float64"), (3, "float64"), (3, "float32")])
 def test_gradients_equal_single_process_and_naive_allreduce_is_w_times(tmp_path, world, dtype):
-    _spawn(_grads_worker, world, dtype, str(tmp_path))
+    start_ranks(_grads_worker, world, dtype, str(tmp_path))
     torch.set_num_threads(1)
     reference = ParaFormer(make_cfg(world, dtype=dtype).model)
     x, y = batch(0)
@@ -123,7 +119,7 @@ def test_gradients_equal_single_process_and_naive_allreduce_is_w_times(tmp_path,
     (2, "joint", "float64"), (3, "joint", "float64"),  # W = 2 progressive: test_mesh.py's 2 x 2 meshes
     (3, "progressive", "float64"), (3, "progressive", "float32")])
 def test_torchrun_style_training_equals_single_process(tmp_path, world, mode, dtype):
-    _spawn(_train_worker, world, mode, dtype, str(tmp_path))
+    start_ranks(_train_worker, world, mode, dtype, str(tmp_path))
     torch.set_num_threads(1)
     cfg = make_cfg(world, mode, dtype)
     reference = ParaFormer(cfg.model)

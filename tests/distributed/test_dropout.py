@@ -13,7 +13,8 @@ from layerpar.parallel.comm import LocalComm
 from layerpar.train.optim import make_optimizer
 from layerpar.train.shard import BranchShard
 from layerpar.train.step import train_step
-from tests.distributed.test_comm import STEPS, _spawn, batch, make_cfg
+from tests.distributed.ranks import start_ranks
+from tests.distributed.test_comm import STEPS, batch, make_cfg
 from tests.parity import assert_weights_match, loss_atol
 
 pytestmark = pytest.mark.dist
@@ -51,7 +52,7 @@ def _single(cfg):
 
 
 def test_dropout_training_equals_single_process(tmp_path):
-    _spawn(_worker, 2, str(tmp_path))
+    start_ranks(_worker, 2, str(tmp_path))
     torch.set_num_threads(1)
     got = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     for i, (r, w, mode) in enumerate(CASES):

@@ -14,7 +14,7 @@ import torch
 from layerpar.config import load_config
 from layerpar.parallel import process_group
 from layerpar.train.lm_shard import LMShard
-from tests.distributed.test_comm import _spawn
+from tests.distributed.ranks import start_ranks
 from tests.parity import assert_weights_match, loss_atol
 
 pytestmark = pytest.mark.dist
@@ -61,7 +61,7 @@ def single(cfg):
 
 @pytest.mark.parametrize("world", sorted(CASES))
 def test_lm_training_equals_single_process(tmp_path, world):
-    _spawn(_worker, world, str(tmp_path))
+    start_ranks(_worker, world, str(tmp_path))
     got = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
     for i, (r, w, mode) in enumerate(CASES[world]):
         cfg = lm_cfg(r, w, mode)

@@ -14,7 +14,8 @@ from layerpar.parallel.comm import LocalComm
 from layerpar.train.optim import make_optimizer
 from layerpar.train.shard import BranchShard
 from layerpar.train.step import train_step
-from tests.distributed.test_comm import STEPS, _spawn, batch, make_cfg
+from tests.distributed.ranks import start_ranks
+from tests.distributed.test_comm import STEPS, batch, make_cfg
 from tests.parity import assert_weights_match, loss_atol
 
 pytestmark = pytest.mark.dist
@@ -59,7 +60,7 @@ def _single(cfg, rows: int):
 
 @pytest.mark.parametrize("world", sorted(CASES))
 def test_mesh_training_equals_single_process(tmp_path, world):
-    _spawn(_mesh_worker, world, str(tmp_path))
+    start_ranks(_mesh_worker, world, str(tmp_path))
     got = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
     for i, (r, w, mode, dtype, rows) in enumerate(CASES[world]):
         cfg = mesh_cfg(r, w, mode, dtype)

@@ -10,7 +10,7 @@ import torch
 from layerpar.parallel import process_group
 from layerpar.parallel.comm import GroupComm, LocalComm
 from layerpar.parallel.layout import BranchLayout
-from tests.distributed.test_comm import _spawn
+from tests.distributed.ranks import start_ranks
 
 pytestmark = pytest.mark.dist
 
@@ -38,7 +38,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_broadcast_batch_and_sum_over_replicas(tmp_path):
-    _spawn(_worker, 2, str(tmp_path))
+    start_ranks(_worker, 2, str(tmp_path))
     want = batches()
     for rank in range(2):
         r = torch.load(tmp_path / f"rank{rank}.pt")

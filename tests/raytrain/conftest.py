@@ -22,6 +22,13 @@ def local_ray():
         ray.shutdown()
 
 
+@pytest.fixture
+def state_tracking(monkeypatch):
+    """Ray Train's state actor on, as launch/train.py keeps it (tests/conftest.py turns it off for the
+    tests that do not read it): the chaos drill and the dashboard's Train view read it."""
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+
+
 @pytest.fixture(autouse=True)
 def _one_thread(one_thread):
     """Ranks run one torch thread; the single-process reference must add its floats the same way."""

@@ -44,10 +44,7 @@ def stop_ranks(ranks: list[dict], sig: int) -> None:
             pass
 
 
-def test_chaos_cli_kills_a_training_rank(local_ray, tmp_path, monkeypatch):
-    # the drill finds the ranks in Ray Train's state actor, which launch/train.py keeps on
-    # (tests/conftest.py turns it off for the other tests)
-    monkeypatch.setenv("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+def test_chaos_cli_kills_a_training_rank(local_ray, state_tracking, tmp_path):
     cfg = tiny("parallel.workers=2", f"train.epochs={EPOCHS}", "data.synthetic_size=480",
                "train.max_failures=2")
     out: dict = {}

@@ -17,8 +17,7 @@ from tests.raytrain.conftest import tiny
 pytestmark = pytest.mark.ray
 
 
-def test_image_folder_run_on_two_ranks(local_ray, tmp_path, monkeypatch):
-    monkeypatch.setenv("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")  # as launch/train.py (tests/conftest.py)
+def test_image_folder_run_on_two_ranks(local_ray, state_tracking, tmp_path):
     root = make_tree(tmp_path / "imgs", per_class=24, test_per_class=8, side=12)
     sets = ["data.name=folder", f"data.root={root}", "model.num_classes=3", "train.epochs=4",
             "train.batch_size=16", "data.val_fraction=0.2"]
